@@ -1,0 +1,5 @@
+"""An example third-party vlrm reward plugin."""
+
+from vlrm_example_reward.reward import CaptionLengthReward
+
+__all__ = ["CaptionLengthReward"]

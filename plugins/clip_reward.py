@@ -1,0 +1,187 @@
+"""CLIP similarity reward on open_clip: sim(image, caption) = scale * cosine similarity.
+
+Any open_clip model works: a built-in name with a pretrained tag (``ViT-L-14`` +
+``openai``), ``hf-hub:org/repo``, or ``local-dir:/path`` (a folder with
+``open_clip_config.json`` and weights). Image embeddings are computed once per image and
+reused by the K captions of that image and, through a bounded cache keyed by image id, by
+later steps.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vlrm import hookimpl
+from vlrm.errors import ConfigError
+from vlrm.structs import RewardOutput, Rollout
+
+
+class ClipReward:
+    """Cosine similarity between an image and its caption under a CLIP model.
+
+    Captions longer than the text context are truncated by the tokenizer (CLIP cannot see
+    the rest); the share truncated is reported as the ``truncated`` metric.
+
+    Args:
+        model: An open_clip CLIP model.
+        preprocess: Its image transform (PIL image -> tensor).
+        tokenizer: Its open_clip tokenizer.
+        scale: Multiplies the cosine similarity.
+        cache_size: Image embeddings kept between steps (0 = no cache).
+    """
+
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, scale: float = 1.0,
+                 cache_size: int = 10_000) -> None:
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.scale = scale
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    def embed_images(self, images: Sequence[Any], image_ids: Sequence[str]) -> torch.Tensor:
+        """Unit-norm image embeddings. Shape: (N, D)."""
+        missing = [i for i, key in enumerate(image_ids) if key not in self._cache]
+        fresh = {}
+        if missing:
+            pixels = torch.stack([self.preprocess(images[i]) for i in missing]).to(self.device)
+            dtype = next(self.model.visual.parameters()).dtype
+            feats = F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
+            fresh = {image_ids[i]: f for i, f in zip(missing, feats)}
+        out = torch.stack([fresh[k] if k in fresh else self._cache[k] for k in image_ids])
+        if self.cache_size:
+            for key, feat in fresh.items():
+                self._cache[key] = feat
+            for key in image_ids:
+                self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text embeddings. Shape: (B, D)."""
+        tokens = self.tokenizer(list(captions)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def truncated(self, captions: Sequence[str]) -> torch.Tensor:
+        """Shape: (B,) bool: captions whose tokens (plus start and end) overflow the context."""
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if isinstance(self.tokenizer, SimpleTokenizer):
+            counts = [len(self.tokenizer.encode(c)) + 2 for c in captions]
+        else:  # open_clip's HFTokenizer wraps a transformers tokenizer
+            counts = [len(self.tokenizer.tokenizer(c)["input_ids"]) for c in captions]
+        return torch.tensor([n > self.context_length for n in counts])
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout) -> RewardOutput:
+        images = self.embed_images(rollout.images, rollout.image_ids)
+        texts = self.embed_texts(rollout.captions)
+        sim = (texts * images[rollout.group.to(self.device)]).sum(-1) * self.scale
+        truncated = self.truncated(rollout.captions).float().mean().item()
+        return RewardOutput(sequence=sim.cpu(), metrics={"truncated": truncated})
+
+
+def clip_reward(
+    model_name: str = "ViT-L-14",
+    pretrained: str | None = "openai",
+    precision: str = "fp32",
+    device: str = "cpu",
+    scale: float = 1.0,
+    cache_size: int = 10_000,
+) -> ClipReward:
+    """Build a CLIP reward from open_clip's model zoo, the hub, or a local directory.
+
+    Args:
+        model_name: open_clip name (``ViT-L-14``), ``hf-hub:org/repo`` or ``local-dir:PATH``.
+        pretrained: Pretrained tag or weights file; ignored with a ``hf-hub:`` or
+            ``local-dir:`` name.
+        precision: fp32, fp16, bf16 (open_clip precision names).
+        device: Torch device.
+        scale: Multiplies the cosine similarity [ours: 1.0].
+        cache_size: Image embeddings kept between steps.
+    """
+    import open_clip
+
+    schema = model_name.split(":", 1)[0] if ":" in model_name else None
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=None if schema else pretrained, precision=precision,
+            device=device)
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"CLIP reward: cannot load open_clip model {model_name!r} (pretrained="
+            f"{pretrained!r}): {exc}") from exc
+    return ClipReward(model, preprocess, tokenizer, scale=scale, cache_size=cache_size)
+
+
+def tiny_clip_config(
+    embed_dim: int = 32, width: int = 32, layers: int = 2, image_size: int = 32,
+    context_length: int = 32,
+) -> dict[str, Any]:
+    """An open_clip model config for a tiny ViT CLIP with the real CLIP BPE vocabulary."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width,
+                       "head_width": width // 2, "patch_size": 8},
+        "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": width,
+                     "heads": 2, "layers": layers},
+    }
+
+
+def save_open_clip_dir(model: Any, model_cfg: dict[str, Any], path: str) -> None:
+    """Write a folder that ``local-dir:PATH`` loads: config JSON and safetensors weights."""
+    from safetensors.torch import save_file
+
+    with open(f"{path}/open_clip_config.json", "w") as f:
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": {}}, f, indent=2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, f"{path}/open_clip_model.safetensors")
+
+
+def tiny_clip_reward(
+    seed: int = 0, embed_dim: int = 32, width: int = 32, layers: int = 2,
+    image_size: int = 32, context_length: int = 32, scale: float = 1.0,
+) -> ClipReward:
+    """A random-weight open_clip CLIP for tests, loaded through ``local-dir:`` like a real one.
+
+    Args:
+        seed: Seed of the random weights.
+        embed_dim: Joint embedding size.
+        width: Width of both towers.
+        layers: Layers of both towers.
+        image_size: Input resolution.
+        context_length: Text context (real CLIP: 77).
+        scale: Multiplies the cosine similarity.
+    """
+    import open_clip
+
+    cfg = tiny_clip_config(embed_dim, width, layers, image_size, context_length)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_open_clip_dir(model, cfg, tmp)
+        return clip_reward(f"local-dir:{tmp}", scale=scale)
+
+
+@hookimpl
+def vlrm_register_rewards() -> dict[str, Any]:
+    return {"clip": clip_reward, "tiny_clip": tiny_clip_reward}

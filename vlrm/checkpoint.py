@@ -1,0 +1,95 @@
+"""Checkpoints that a crash can never leave half-written.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    step-<N>/policy/                  the policy's own format (a transformers directory)
+    step-<N>/value_head.safetensors
+    step-<N>/trainer_state.pt         optimiser, scheduler and RNG states (tensors and
+                                      plain containers only: loads with weights_only=True)
+    step-<N>/trainer_state.json       step and metadata, human-readable
+    last -> step-<N>                  symlink to the newest complete checkpoint
+
+A checkpoint is written under a temporary name, flushed to disk, then renamed; ``last``
+is replaced by an atomic rename of a new symlink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LAST = "last"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir(checkpoints: Path, step: int) -> Path:
+    return checkpoints / f"step-{step}"
+
+
+def write_checkpoint(checkpoints: Path, step: int, write: Callable[[Path], None],
+                     keep_last: int = 0) -> Path:
+    """Write one checkpoint atomically and point ``last`` at it.
+
+    Args:
+        checkpoints: The checkpoints folder.
+        step: Training step; names the folder ``step-<step>``.
+        write: Fills the (temporary) folder it is given.
+        keep_last: Keep only this many newest checkpoints (0 = keep all).
+
+    Returns:
+        The final checkpoint folder.
+    """
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final = step_dir(checkpoints, step)
+    tmp = checkpoints / f".step-{step}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. after a resume)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    link_tmp = checkpoints / f".{LAST}.partial-{os.getpid()}"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    link_tmp.symlink_to(final.name)
+    os.replace(link_tmp, checkpoints / LAST)
+    if keep_last > 0:
+        for old in list_checkpoints(checkpoints)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(checkpoints: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [p for p in checkpoints.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_state(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Save trainer state (tensors and plain containers) and a readable JSON summary."""
+    torch.save(state, path / "trainer_state.pt")
+    (path / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load trainer state without unpickling code (``weights_only=True``)."""
+    return torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")

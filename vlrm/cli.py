@@ -1,0 +1,128 @@
+"""Command-line entry points: ``vlrm-run`` (train) and ``vlrm-plugins`` (list plugins)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from vlrm.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _short_error(message: str, limit: int = 6) -> str:
+    """jsonargparse explains nested failures at length; keep the first lines that matter."""
+    lines = [ln.rstrip() for ln in str(message).splitlines() if ln.strip()]
+    kept = lines[:limit]
+    if len(lines) > limit:
+        kept.append("  ...")
+    return "\n".join(kept)
+
+
+def build_parser() -> Any:
+    """The ``vlrm-run`` parser: policy, reward terms, data, trainer settings, output folder."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from vlrm.data import ImageFolder
+    from vlrm.protocols import Policy
+    from vlrm.rewards import CompositeReward
+    from vlrm.trainer import TrainerConfig
+
+    class Parser(ArgumentParser):
+        def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+            sys.stderr.write(f"{self.prog}: error: {_short_error(message)}\n"
+                             f"Run `{self.prog} --help` for the options, or "
+                             f"`{self.prog} --config FILE --print_config` to see a resolved config.\n")
+            raise SystemExit(EXIT_CONFIG)
+
+    parser = Parser(prog="vlrm-run", description=(
+        "Fine-tune an image captioner with A2C against vision-language reward models "
+        "(VLRM). Options can come from a YAML file (--config) and be overridden after it "
+        "on the command line with dotted names, e.g. --trainer.max_steps 3."))
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
+    parser.add_argument("--policy", type=Policy, required=True,
+                        help="Captioning policy: class_path (a class or builder) and init_args.")
+    parser.add_class_arguments(CompositeReward, "reward", help="Weighted reward terms by name.")
+    parser.add_argument("--data", type=ImageFolder, required=True,
+                        help="Unlabelled training images: class_path and init_args.")
+    parser.add_class_arguments(TrainerConfig, "trainer", help="A2C loop settings.")
+    parser.add_argument("--output_dir", type=str, default="runs/vlrm",
+                        help="Receives config.yaml, metrics.jsonl and checkpoints/.")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse, build, train. Returns the process exit status."""
+    from vlrm.plugins import PluginError, get_registry
+
+    try:
+        get_registry()  # report broken or clashing plugins before anything is built
+    except PluginError as exc:
+        sys.stderr.write(f"vlrm-run: error: {exc}\n")
+        return EXIT_CONFIG
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    output_dir = Path(cfg.output_dir)
+    try:
+        init = parser.instantiate_classes(cfg)
+    except ConfigError as exc:
+        sys.stderr.write(f"vlrm-run: error: {exc}\n")
+        return EXIT_CONFIG
+    from vlrm.trainer import Trainer
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(parser.dump(cfg, skip_none=False))
+    trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir)
+    try:
+        trainer.train()
+    except ConfigError as exc:
+        sys.stderr.write(f"vlrm-run: error: {exc}\n")
+        return EXIT_CONFIG
+    print(f"vlrm-run: {trainer.step} steps done; outputs in {output_dir}, "
+          f"newest checkpoint {output_dir / 'checkpoints' / 'last'}")
+    return 0
+
+
+def run_main() -> None:
+    """Console script ``vlrm-run``."""
+    raise SystemExit(run())
+
+
+def plugins(argv: list[str] | None = None) -> int:
+    """List loaded plugins with their distribution, version and components."""
+    from vlrm.plugins import PluginError, get_registry
+
+    parser = argparse.ArgumentParser(prog="vlrm-plugins", description=plugins.__doc__)
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings(record=True):  # failures are shown in the listing itself
+        warnings.simplefilter("always")
+        try:
+            registry = get_registry()
+        except PluginError as exc:
+            sys.stderr.write(f"vlrm-plugins: error: {exc}\n")
+            return EXIT_CONFIG
+    rows = registry.to_json()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']}  ({row['distribution']} {row['version']})  {row['target']}")
+        if "error" in row:
+            print(f"    FAILED TO LOAD: {row['error']}")
+        for kind, names in row["components"].items():
+            print(f"    {kind}: {', '.join(names)}")
+    return 0
+
+
+def plugins_main() -> None:
+    """Console script ``vlrm-plugins``."""
+    raise SystemExit(plugins())
+
+
+if __name__ == "__main__":
+    run_main()

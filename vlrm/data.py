@@ -1,0 +1,103 @@
+"""Unlabelled images for RL: the paper trains on images alone, no captions needed."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vlrm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image fully and convert it to RGB.
+
+    Raises:
+        OSError, ValueError, SyntaxError, Image.DecompressionBombError: unreadable file.
+    """
+    with warnings.catch_warnings():
+        # An image over PIL's pixel limit is refused, never decoded into memory.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                image = image.convert("RGBA")
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, image).convert("RGB")
+            return image.convert("RGB")
+
+
+class ImageFolder:
+    """All images under a folder, served in shuffled batches forever.
+
+    A file that cannot be decoded is skipped with a warning that names it, counted in
+    ``skipped`` (logged as ``data/skipped``) and never tried again.
+
+    Args:
+        root: The folder. Searched recursively.
+        patterns: Glob patterns relative to ``root``; default every file.
+        extensions: File endings counted as images (case-insensitive).
+        hint: Appended to the error when the folder is missing, to say what belongs there.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        patterns: Sequence[str] = ("**/*",),
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        hint: str = "",
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ConfigError(
+                f"image folder {str(self.root)!r} does not exist or is not a folder"
+                + (f": {hint}" if hint else ""))
+        exts = tuple(e.lower() for e in extensions)
+        found = {p for pattern in patterns for p in self.root.glob(pattern)}
+        self.paths = sorted(p for p in found if p.is_file() and p.suffix.lower() in exts)
+        if not self.paths:
+            raise ConfigError(
+                f"image folder {str(self.root)!r} holds no images (looked for {', '.join(exts)})")
+        self.skipped: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, path: Path) -> Image.Image | None:
+        """The image at ``path`` in RGB, or None (warned and counted) if it is unreadable."""
+        try:
+            return load_rgb(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            log.warning("skipping unreadable image %s: %s", path, exc)
+            self.skipped.add(path)
+            return None
+
+    def batches(self, batch_size: int, seed: int = 0) -> Iterator[list[tuple[str, Image.Image]]]:
+        """Yield lists of ``(image_id, image)``; each epoch is a fresh seeded shuffle."""
+        generator = torch.Generator().manual_seed(seed)
+        batch: list[tuple[str, Image.Image]] = []
+        while True:
+            order = torch.randperm(len(self.paths), generator=generator).tolist()
+            good_this_epoch = 0
+            for path in [self.paths[i] for i in order]:
+                if path in self.skipped:
+                    continue
+                image = self.load(path)
+                if image is None:
+                    continue
+                good_this_epoch += 1
+                batch.append((str(path), image))
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            if good_this_epoch == 0:
+                raise ConfigError(f"no readable image in {str(self.root)!r} "
+                                  f"({len(self.skipped)} unreadable files skipped)")

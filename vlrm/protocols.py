@@ -1,0 +1,53 @@
+"""The interfaces every policy, reward and evaluator plugin implements.
+
+They are Protocols: a plugin class matches them by shape and never inherits code from
+vlrm. ``vlrm.testing`` checks a component against its contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from vlrm.structs import PolicyOutput, RewardOutput, Rollout
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A captioner that samples captions and scores its own samples with gradients.
+
+    Attributes:
+        hidden_size: H, the size of ``PolicyOutput.hidden`` (the value head's input).
+    """
+
+    hidden_size: int
+
+    def sample(self, images: Sequence[Any], image_ids: Sequence[str], num_samples: int) -> Rollout:
+        """Sample ``num_samples`` captions per image, without gradients."""
+
+    def evaluate(self, rollout: Rollout) -> PolicyOutput:
+        """Log-probs, entropy and hidden states of the rollout's tokens, with gradients."""
+
+    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
+        """The parameters the optimiser updates; everything else stays frozen."""
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the policy so that its native library loads it back (e.g. transformers)."""
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Scores the captions of a rollout. Runs without gradients."""
+
+    def __call__(self, rollout: Rollout) -> RewardOutput:
+        """Return per-caption (B,) and/or per-token (B, T) rewards."""
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Measures captions against their images; returns flat metric names and values."""
+
+    def __call__(self, rollout: Rollout) -> dict[str, float]:
+        """Return metrics such as ``{"caption/length": 9.5}``."""
