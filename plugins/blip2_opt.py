@@ -12,6 +12,7 @@ projection. The vision encoder and OPT stay frozen.
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -216,10 +217,17 @@ def blip2_opt(
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise ConfigError(f"policy.init_args.model: the folder {model!r} does not exist; give a "
+                          "directory written by save_pretrained or a hub name")
+    unknown = set(trainable) - set(PARTS)
+    if unknown:
+        raise ConfigError(f"policy trainable parts {sorted(unknown)} are not among {PARTS}")
     try:
         processor = Blip2Processor.from_pretrained(model)
         net = Blip2ForConditionalGeneration.from_pretrained(model, dtype=_dtype(dtype))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(
             f"policy.init_args.model: cannot load BLIP-2 from {model!r} ({exc}). Give a hub "
             "name reachable from this machine or a local directory written by save_pretrained."

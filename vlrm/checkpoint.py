@@ -62,18 +62,29 @@ def write_checkpoint(checkpoints: Path, step: int, write: Callable[[Path], None]
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write(tmp)
-    _fsync_tree(tmp)
-    if final.exists():  # the same step saved again (e.g. after a resume)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # the same step saved again: move the old copy aside, never delete first
+        stale = checkpoints / f".step-{step}.stale-{os.getpid()}"
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(tmp, final)
     link_tmp = checkpoints / f".{LAST}.partial-{os.getpid()}"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
     link_tmp.symlink_to(final.name)
     os.replace(link_tmp, checkpoints / LAST)
     if keep_last > 0:
-        for old in list_checkpoints(checkpoints)[:-keep_last]:
+        # Never prune the checkpoint just written, even when an earlier run in this folder
+        # left checkpoints of higher step numbers.
+        others = [p for p in list_checkpoints(checkpoints) if p != final]
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old)
     return final
 

@@ -23,6 +23,12 @@ def _short_error(message: str, limit: int = 6) -> str:
     return "\n".join(kept)
 
 
+def _config_files(argv: list[str]) -> list[str]:
+    """The files given with --config, to name them in error messages."""
+    files = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
 def build_parser() -> Any:
     """The ``vlrm-run`` parser: policy, reward terms, data, trainer settings, output folder."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -33,8 +39,12 @@ def build_parser() -> Any:
     from vlrm.trainer import TrainerConfig
 
     class Parser(ArgumentParser):
+        config_files: list[str] = []
+
         def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
-            sys.stderr.write(f"{self.prog}: error: {_short_error(message)}\n"
+            where = (f" (config file: {', '.join(self.config_files)})"
+                     if self.config_files else "")
+            sys.stderr.write(f"{self.prog}: error: {_short_error(message)}{where}\n"
                              f"Run `{self.prog} --help` for the options, or "
                              f"`{self.prog} --config FILE --print_config` to see a resolved config.\n")
             raise SystemExit(EXIT_CONFIG)
@@ -44,11 +54,12 @@ def build_parser() -> Any:
         "(VLRM). Options can come from a YAML file (--config) and be overridden after it "
         "on the command line with dotted names, e.g. --trainer.max_steps 3."))
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
+    # Data first: a wrong folder is reported before any model is loaded.
+    parser.add_argument("--data", type=ImageFolder, required=True,
+                        help="Unlabelled training images: class_path and init_args.")
     parser.add_argument("--policy", type=Policy, required=True,
                         help="Captioning policy: class_path (a class or builder) and init_args.")
     parser.add_class_arguments(CompositeReward, "reward", help="Weighted reward terms by name.")
-    parser.add_argument("--data", type=ImageFolder, required=True,
-                        help="Unlabelled training images: class_path and init_args.")
     parser.add_class_arguments(TrainerConfig, "trainer", help="A2C loop settings.")
     parser.add_argument("--output_dir", type=str, default="runs/vlrm",
                         help="Receives config.yaml, metrics.jsonl and checkpoints/.")
@@ -65,17 +76,18 @@ def run(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"vlrm-run: error: {exc}\n")
         return EXIT_CONFIG
     parser = build_parser()
+    parser.config_files = _config_files(sys.argv[1:] if argv is None else argv)
     cfg = parser.parse_args(argv)
     output_dir = Path(cfg.output_dir)
     try:
-        init = parser.instantiate_classes(cfg)
+        init = parser.instantiate(cfg)
     except ConfigError as exc:
         sys.stderr.write(f"vlrm-run: error: {exc}\n")
         return EXIT_CONFIG
     from vlrm.trainer import Trainer
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(parser.dump(cfg, skip_none=False))
+    (output_dir / "config.yaml").write_text(parser.dump(cfg))
     trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir)
     try:
         trainer.train()

@@ -26,13 +26,29 @@ def load_rgb(path: Path) -> Image.Image:
     with warnings.catch_warnings():
         # An image over PIL's pixel limit is refused, never decoded into memory.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombWarning as exc:
+            raise Image.DecompressionBombError(str(exc)) from exc
+        with image:
             image.load()
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                # PIL clips wide integers at 255 when converting; rescale to 8 bits instead.
+                image = _to_8bit(image)
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 image = image.convert("RGBA")
                 background = Image.new("RGBA", image.size, (255, 255, 255, 255))
                 return Image.alpha_composite(background, image).convert("RGB")
             return image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float grayscale image as 8-bit "L", using its full range."""
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    high = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+    return Image.fromarray(np.clip(values / high * 255.0, 0, 255).astype(np.uint8), mode="L")
 
 
 class ImageFolder:
@@ -82,6 +98,8 @@ class ImageFolder:
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[list[tuple[str, Image.Image]]]:
         """Yield lists of ``(image_id, image)``; each epoch is a fresh seeded shuffle."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         generator = torch.Generator().manual_seed(seed)
         batch: list[tuple[str, Image.Image]] = []
         while True:

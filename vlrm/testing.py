@@ -136,10 +136,14 @@ def check_reward(reward: Any, rollout: Rollout | None = None, atol: float = 1e-5
         out = _check_output(reward(rollout), rollout, who)
         if not torch.is_grad_enabled():
             raise ContractError(f"{who}: calling the reward switched gradient mode off globally")
+    again = _check_output(reward(rollout), rollout, who)
+    if not (_same(again.sequence, out.sequence, atol) and _same(again.token, out.token, atol)):
+        raise ContractError(f"{who}: scoring the same rollout twice gave different rewards")
     order = torch.randperm(rollout.batch_size, generator=torch.Generator().manual_seed(0))
     if torch.equal(order, torch.arange(rollout.batch_size)):
         order = order.flip(0)
-    permuted = _check_output(reward(permute_samples(rollout, order)), rollout, who)
+    shuffled = permute_samples(rollout, order)
+    permuted = _check_output(reward(shuffled), shuffled, who)
     for name in ("sequence", "token"):
         expected = getattr(out, name)
         expected = expected[order] if expected is not None else None
@@ -147,7 +151,4 @@ def check_reward(reward: Any, rollout: Rollout | None = None, atol: float = 1e-5
             raise ContractError(
                 f"{who}: {name} rewards are not batch-order equivariant: permuting the "
                 f"captions by {order.tolist()} changed their scores")
-    again = _check_output(reward(rollout), rollout, who)
-    if not (_same(again.sequence, out.sequence, atol) and _same(again.token, out.token, atol)):
-        raise ContractError(f"{who}: scoring the same rollout twice gave different rewards")
     return out

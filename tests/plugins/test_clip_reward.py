@@ -1,0 +1,65 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlrm.errors import ConfigError
+from vlrm.testing import check_reward, make_rollout
+from vlrm_plugins.clip_reward import (ClipReward, clip_reward, save_open_clip_dir,
+                                      tiny_clip_config)
+
+
+@pytest.fixture
+def rollout(photos):
+    images = [img for _, img in photos[:3]]
+    return make_rollout([["a cat on a sofa", "a red bus"], ["a rocket"], ["coffee", "two cups"]],
+                        images=images)
+
+
+def test_passes_the_reward_contract(tiny_clip, rollout):
+    out = check_reward(tiny_clip, rollout)
+    assert out.sequence is not None and out.token is None
+
+
+def test_score_is_scaled_cosine_similarity(tiny_clip, rollout):
+    model, tok, prep = tiny_clip.model, tiny_clip.tokenizer, tiny_clip.preprocess
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([prep(i) for i in rollout.images]))
+        txt = model.encode_text(tok(list(rollout.captions)))
+    expected = (F.normalize(txt, dim=-1) * F.normalize(img, dim=-1)[rollout.group]).sum(-1)
+    got = tiny_clip(rollout).sequence
+    assert torch.allclose(got, expected, atol=1e-5)
+    scaled = ClipReward(model, prep, tok, scale=2.5, cache_size=0)
+    assert torch.allclose(scaled(rollout).sequence, 2.5 * expected, atol=1e-5)
+
+
+def test_truncated_share(tiny_clip, photos):
+    long = " ".join(["word"] * (tiny_clip.context_length + 5))
+    rollout = make_rollout([["short caption", long, "another short one", long]],
+                           images=[photos[0][1]])
+    assert tiny_clip(rollout).metrics["truncated"] == pytest.approx(0.5)
+
+
+def test_image_embeddings_are_cached_by_id(rollout, tiny_clip):
+    reward = ClipReward(tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer, cache_size=2)
+    batches = []
+    hook = reward.model.visual.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
+    try:
+        first = reward(rollout).sequence
+        again = reward(rollout).sequence
+    finally:
+        hook.remove()
+    # 3 images encoded once; the second call found 2 in the bounded cache and encoded 1
+    assert batches == [3, 1]
+    assert torch.allclose(first, again, atol=1e-6)
+    assert len(reward._cache) == 2
+
+
+def test_local_dir_round_trip(tiny_clip, rollout, tmp_path):
+    save_open_clip_dir(tiny_clip.model, tiny_clip_config(), str(tmp_path))
+    loaded = clip_reward(f"local-dir:{tmp_path}")
+    assert torch.allclose(loaded(rollout).sequence, tiny_clip(rollout).sequence, atol=1e-6)
+
+
+def test_unknown_model_is_a_config_error():
+    with pytest.raises(ConfigError, match="NoSuchModel"):
+        clip_reward("NoSuchModel-1", pretrained=None)
