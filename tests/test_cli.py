@@ -128,3 +128,17 @@ def test_a_second_config_file_replaces_the_terms_mapping(tmp_path):
         "reward": {"class_path": "vlrm_example_reward.CaptionLengthReward"}}}}}))
     cfg = build_parser().parse_args(["--config", TINY, "--config", str(config)])
     assert set(cfg.reward.terms) == {"length"}
+
+
+def test_example_plugin_config_runs(tmp_path):
+    out = tmp_path / "run"
+    assert run(["--config", TINY, "--config",
+                str(ROOT / "examples" / "reward_plugin" / "tiny_with_length.yaml"),
+                *FAST, f"--output_dir={out}"]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"reward/length", "reward/clip"} <= set(row)
+
+
+def test_empty_reward_terms_exit_2(tmp_path, capsys):
+    status, err = run_exit(["--config", TINY, "--reward.terms={}"], capsys)
+    assert status == 2 and "reward.terms is empty" in err

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from vlrm.errors import ConfigError
 from vlrm.rewards import CompositeReward, RewardTerm
 from vlrm.structs import RewardOutput
 from vlrm.testing import check_reward, make_rollout
@@ -44,7 +45,7 @@ def test_composite_passes_the_reward_contract():
 
 
 def test_empty_terms_is_an_error():
-    with pytest.raises(ValueError, match="reward.terms is empty"):
+    with pytest.raises(ConfigError, match="reward.terms is empty"):
         CompositeReward({})
 
 

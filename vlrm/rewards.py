@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from attrs import frozen
 
+from vlrm.errors import ConfigError
 from vlrm.protocols import Reward
 from vlrm.rl import place_on_last_token
 from vlrm.structs import RewardOutput, Rollout
@@ -63,7 +64,7 @@ class CompositeReward:
 
     def __init__(self, terms: dict[str, RewardTerm]) -> None:
         if not terms:
-            raise ValueError("reward.terms is empty: configure at least one reward term")
+            raise ConfigError("reward.terms is empty: configure at least one reward term")
         self.terms = dict(terms)
 
     @torch.no_grad()
