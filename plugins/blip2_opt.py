@@ -189,8 +189,9 @@ class Blip2OptPolicy(nn.Module):
         return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
 
     def save_pretrained(self, path: str) -> None:
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
+        with _quiet_transformers():  # the trainer's own progress bar is on screen
+            self.model.save_pretrained(path)
+            self.processor.save_pretrained(path)
 
 
 def blip2_opt(
