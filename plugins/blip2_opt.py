@@ -23,6 +23,7 @@ from torch import nn
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
 from vlrm.structs import PolicyOutput, Rollout
+from vlrm.text import token_char_ends
 
 PARTS = ("vision_model", "qformer", "query_tokens", "language_projection", "language_model")
 PAPER_TRAINABLE = ("qformer", "query_tokens", "language_projection")
@@ -147,9 +148,12 @@ class Blip2OptPolicy(nn.Module):
         logits = torch.stack(out.logits, dim=1)  # (B, T, V), before any logits processor
         logprobs = self._log_softmax(logits).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
         group = torch.arange(len(images), device=self.device).repeat_interleave(num_samples)
+        rows = [row[keep].tolist() for row, keep in zip(tokens, mask)]
+        captions = self.decode(rows)
         return Rollout(
             images=list(images), image_ids=list(image_ids), group=group, tokens=tokens,
-            mask=mask, logprobs=logprobs.float(), captions=self.decode(tokens, mask),
+            mask=mask, logprobs=logprobs.float(), captions=captions,
+            token_ends=token_char_ends(self.tokenizer, rows, captions, tokens.shape[1]),
             policy_state=image_embeds)
 
     def generated_mask(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -158,9 +162,8 @@ class Blip2OptPolicy(nn.Module):
         eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
         return eos_before == 0
 
-    def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        """Captions as text, special tokens dropped."""
-        rows = [row[keep].tolist() for row, keep in zip(tokens, mask)]
+    def decode(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """Captions as text from their real token ids, special tokens dropped."""
         return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
@@ -187,6 +190,32 @@ class Blip2OptPolicy(nn.Module):
         logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1)
         return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
+
+    def text_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p(t_k | BOS, t_<k) under the language model alone, without the image.
+
+        While OPT is frozen this is the paper's reference LM (the same OPT), so the
+        reference term needs no second copy of it.
+
+        Args:
+            tokens: Shape: (B, T).
+            mask: Shape: (B, T), bool.
+
+        Returns:
+            Shape: (B, T), zero on padding, no gradient.
+        """
+        if "language_model" in self.trainable:
+            raise ConfigError("the policy's language model trains, so it is no longer the "
+                              "reference LM: give ReferenceLMReward its own `model`")
+        lm = self.model.language_model
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        bos = torch.full((tokens.shape[0], 1), self.bos_token_id, device=self.device)
+        inputs = torch.cat([bos, tokens], dim=1)
+        attention = torch.cat([torch.ones_like(bos), mask.long()], dim=1)
+        with torch.no_grad():
+            logits = lm(input_ids=inputs, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return logp * mask
 
     def save_pretrained(self, path: str) -> None:
         with _quiet_transformers():  # the trainer's own progress bar is on screen

@@ -90,7 +90,7 @@ def test_retrieval_spec_instantiates_with_tiny_models(tmp_path):
     # the paper's values survive the override of the model size
     assert init.policy.max_new_tokens == 60 and init.trainer.gamma == 1.0
     assert init.trainer.whiten_advantages and init.trainer.samples_per_image == 4
-    assert set(init.reward.terms) == {"clip"}
+    assert set(init.reward.terms) == {"clip", "ref", "bad", "repeat"}
 
 
 def test_tiny_run_writes_every_output(tmp_path, capsys):
@@ -142,3 +142,20 @@ def test_example_plugin_config_runs(tmp_path):
 def test_empty_reward_terms_exit_2(tmp_path, capsys):
     status, err = run_exit(["--config", TINY, "--reward.terms={}"], capsys)
     assert status == 2 and "reward.terms is empty" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, sim, override", [
+    ("vlrm.yaml", "itm", "vlrm_plugins.blip2_itm_reward.tiny_blip2_itm_reward"),
+    ("retrieval_spec.yaml", "clip", "vlrm_plugins.clip_reward.tiny_clip_reward")])
+def test_paper_configs_train_with_tiny_models(name, sim, override, tmp_path):
+    out = tmp_path / "run"
+    assert run(["--config", str(ROOT / "configs" / name),
+                '--policy={"class_path": "vlrm_plugins.blip2_opt.tiny_blip2_opt"}',
+                f'--reward.terms.{sim}.reward={{"class_path": "{override}"}}',
+                "--data=vlrm_plugins.bundled_photos.bundled_photos", *FAST,
+                f"--output_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for term in (sim, "ref", "bad", "repeat"):
+        assert f"reward/{term}" in rows[-1], term
+    assert {"reward/bad/rate", "reward/repeat/rate"} <= set(rows[-1])

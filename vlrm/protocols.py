@@ -51,3 +51,12 @@ class Evaluator(Protocol):
 
     def __call__(self, rollout: Rollout) -> dict[str, float]:
         """Return metrics such as ``{"caption/length": 9.5}``."""
+
+
+@runtime_checkable
+class PolicyAware(Protocol):
+    """Optional for rewards: a reward that needs the policy (e.g. to reuse its frozen
+    language model as the reference LM) implements this; the trainer calls it once."""
+
+    def bind_policy(self, policy: Policy) -> None:
+        """Keep a reference to the policy being trained."""

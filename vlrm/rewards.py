@@ -6,7 +6,7 @@ import torch
 from attrs import frozen
 
 from vlrm.errors import ConfigError
-from vlrm.protocols import Reward
+from vlrm.protocols import PolicyAware, Reward
 from vlrm.rl import place_on_last_token
 from vlrm.structs import RewardOutput, Rollout
 
@@ -50,6 +50,12 @@ def to_token_rewards(output: RewardOutput, mask: torch.Tensor, name: str) -> tor
     return total
 
 
+def bind_if_policy_aware(reward: object, policy: object) -> None:
+    """Give ``policy`` to a reward that implements ``PolicyAware``; others are untouched."""
+    if isinstance(reward, PolicyAware):
+        reward.bind_policy(policy)
+
+
 class CompositeReward:
     """A weighted sum of named reward terms, itself a ``Reward``.
 
@@ -66,6 +72,11 @@ class CompositeReward:
         if not terms:
             raise ConfigError("reward.terms is empty: configure at least one reward term")
         self.terms = dict(terms)
+
+    def bind_policy(self, policy: object) -> None:
+        """Hand the policy to every term that asks for it (e.g. one reusing the policy's LM)."""
+        for term in self.terms.values():
+            bind_if_policy_aware(term.reward, policy)
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> RewardOutput:

@@ -34,6 +34,9 @@ class Rollout:
         logprobs: Shape: (B, T). Log-probabilities of ``tokens`` under the sampling policy.
         captions: B decoded captions.
         values: Shape: (B, T). Value estimates, when the caller computed them.
+        token_ends: Shape: (B, T), long. Characters of ``captions[b]`` covered by tokens
+            0..k; lets text rewards put a penalty on the token that completes a phrase.
+            None when the policy cannot tell (rewards then use the last token).
         policy_state: Policy-private data reused when the policy scores its own rollout
             (e.g. frozen image features). Rewards must not rely on it.
     """
@@ -46,6 +49,7 @@ class Rollout:
     logprobs: torch.Tensor
     captions: Sequence[str]
     values: torch.Tensor | None = None
+    token_ends: torch.Tensor | None = None
     policy_state: Any = field(default=None, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
@@ -58,7 +62,7 @@ class Rollout:
             raise ValueError(f"{len(self.captions)} captions for {b} token rows")
         if self.mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool, got {self.mask.dtype}")
-        for name in ("mask", "logprobs", "values"):
+        for name in ("mask", "logprobs", "values", "token_ends"):
             _check_bt(name, getattr(self, name), (b, t))
 
     @property

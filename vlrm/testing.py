@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from vlrm.structs import RewardOutput, Rollout
+from vlrm.text import token_char_ends, words_with_spans
 
 DEFAULT_CAPTIONS = (
     ("a red bus parked on a city street", "a bus"),
@@ -59,8 +60,14 @@ def make_rollout(
         rows = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in flat]
     else:
         vocab: dict[str, int] = {}
-        rows = [[vocab.setdefault(w, len(vocab) + 1) for w in c.split()] for c in flat]
+        rows = [[vocab.setdefault(w, len(vocab) + 1) for w, _, _ in words_with_spans(c)]
+                for c in flat]
     t = max(len(r) for r in rows)
+    if tokenizer is not None:
+        ends = token_char_ends(tokenizer, rows, flat, t)
+    else:
+        ends = torch.tensor([[e for _, _, e in words_with_spans(c)] + [len(c)] * (t - len(r))
+                             for c, r in zip(flat, rows)], dtype=torch.long)
     tokens = torch.zeros((len(rows), t), dtype=torch.long)
     mask = torch.zeros((len(rows), t), dtype=torch.bool)
     for i, row in enumerate(rows):
@@ -68,7 +75,7 @@ def make_rollout(
         mask[i, :len(row)] = True
     return Rollout(images=images, image_ids=[f"image-{i}" for i in range(len(images))],
                    group=group, tokens=tokens, mask=mask,
-                   logprobs=torch.zeros(tokens.shape), captions=flat)
+                   logprobs=torch.zeros(tokens.shape), captions=flat, token_ends=ends)
 
 
 def permute_samples(rollout: Rollout, order: torch.Tensor) -> Rollout:
@@ -76,6 +83,7 @@ def permute_samples(rollout: Rollout, order: torch.Tensor) -> Rollout:
     return Rollout(images=rollout.images, image_ids=rollout.image_ids, group=rollout.group[order],
                    tokens=rollout.tokens[order], mask=rollout.mask[order],
                    logprobs=rollout.logprobs[order],
+                   token_ends=None if rollout.token_ends is None else rollout.token_ends[order],
                    captions=[rollout.captions[i] for i in order.tolist()])
 
 

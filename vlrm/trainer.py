@@ -17,6 +17,7 @@ from vlrm import rl
 from vlrm.checkpoint import save_state, write_checkpoint
 from vlrm.data import ImageFolder
 from vlrm.protocols import Policy, Reward
+from vlrm.rewards import bind_if_policy_aware
 from vlrm.value_head import ValueHead
 
 
@@ -90,6 +91,7 @@ class Trainer:
         warmup = max(config.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        bind_if_policy_aware(reward, policy)
         self.step = 0
 
     def train_step(self, batch: list[tuple[str, Any]]) -> dict[str, float]:
