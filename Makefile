@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlrm-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast clean
 
 $(STAMP): pyproject.toml examples/reward_plugin/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,6 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
-
-bench: $(STAMP)
-	$(PY) -m pytest benchmarks
 
 clean:
 	rm -rf runs .pytest_cache .benchmarks
