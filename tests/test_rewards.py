@@ -56,3 +56,18 @@ def test_wrong_shape_names_the_term():
 
     with pytest.raises(ValueError, match="reward 'bad'.*shape"):
         CompositeReward({"bad": RewardTerm(Bad())})(make_rollout())
+
+
+def test_per_token_returns_of_a_composite_by_hand():
+    from vlrm.rl import discounted_returns
+
+    # 2 captions x 5 tokens: "a b c d e" (5 tokens) and "f g" (2 tokens, 3 padding)
+    rollout = make_rollout([["a b c d e"], ["f g"]])
+    composite = CompositeReward({"words": RewardTerm(WordCount(), 0.5),
+                                 "first": RewardTerm(FirstTokenBonus(), 2.0)})
+    rewards = composite(rollout).token
+    # row 0: 2*0.5 = 1 on token 0, 0.5*5 = 2.5 on token 4; row 1: 1 on token 0, 0.5*2 = 1 on token 1
+    assert torch.equal(rewards, torch.tensor([[1.0, 0, 0, 0, 2.5], [1.0, 1.0, 0, 0, 0]]))
+    returns = discounted_returns(rewards, rollout.mask, gamma=1.0)
+    # R(t_k) = sum of rewards from k on: row 0 (3.5, 2.5, 2.5, 2.5, 2.5); row 1 (2, 1, pad)
+    assert torch.equal(returns, torch.tensor([[3.5, 2.5, 2.5, 2.5, 2.5], [2.0, 1.0, 0, 0, 0]]))

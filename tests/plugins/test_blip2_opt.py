@@ -104,3 +104,17 @@ def test_unknown_trainable_part_is_a_config_error(tiny_policy_factory):
 def test_missing_model_dir_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="policy.init_args.model.*nowhere"):
         blip2_opt(str(tmp_path / "nowhere"))
+
+
+def test_token_ends_follow_the_generated_tokens(policy, rollout):
+    ends = rollout.token_ends
+    assert ends.shape == rollout.tokens.shape
+    assert (ends[:, 1:] >= ends[:, :-1]).all()
+    for b, caption in enumerate(rollout.captions):
+        real = int(rollout.mask[b].sum())
+        assert ends[b, real - 1].item() == len(caption)
+        # the text of the first k+1 tokens, stripped, covers exactly ends[k] characters
+        ids = rollout.tokens[b, :real].tolist()
+        for k in range(real):
+            text = policy.tokenizer.decode(ids[:k + 1], skip_special_tokens=True).strip()
+            assert caption.startswith(text[:ends[b, k].item()])
