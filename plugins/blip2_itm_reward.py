@@ -9,7 +9,6 @@ vision encoder runs once per image and its output is cached by image id.
 from __future__ import annotations
 
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vlrm import hookimpl
+from vlrm.cache import EmbeddingCache
 from vlrm.errors import ConfigError
 from vlrm.structs import RewardOutput, Rollout
 
@@ -44,8 +44,8 @@ class Blip2ItmReward:
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.processor, self.tokenizer = processor, processor.tokenizer
-        self.mode, self.scale, self.max_length, self.cache_size = mode, scale, max_length, cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.mode, self.scale, self.max_length = mode, scale, max_length
+        self._cache = EmbeddingCache(cache_size)
 
     @property
     def device(self) -> torch.device:
@@ -53,23 +53,14 @@ class Blip2ItmReward:
 
     def image_embeds(self, images: Sequence[Any], image_ids: Sequence[str]) -> torch.Tensor:
         """Frozen vision features, cached by image id. Shape: (N, P, Hv)."""
-        missing = [i for i, key in enumerate(image_ids) if key not in self._cache]
-        fresh = {}
-        if missing:
+        def compute(missing: list[int]) -> torch.Tensor:
             pixels = self.processor.image_processor(images=[images[i] for i in missing],
                                                     return_tensors="pt")["pixel_values"]
             vision = self.model.vision_model
             pixels = pixels.to(self.device, next(vision.parameters()).dtype)
-            feats = vision(pixel_values=pixels).last_hidden_state
-            fresh = {image_ids[i]: f for i, f in zip(missing, feats)}
-        out = torch.stack([fresh[k] if k in fresh else self._cache[k] for k in image_ids])
-        if self.cache_size:
-            self._cache.update(fresh)
-            for key in image_ids:
-                self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return out
+            return vision(pixel_values=pixels).last_hidden_state
+
+        return self._cache.get(image_ids, compute)
 
     def _text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(list(captions), padding=True, truncation=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vlrm import hookimpl
+from vlrm.cache import EmbeddingCache
 from vlrm.errors import ConfigError
 from vlrm.structs import RewardOutput, Rollout
 
@@ -43,8 +43,7 @@ class ClipReward:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.scale = scale
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache = EmbeddingCache(cache_size)
         for param in self.model.parameters():
             param.requires_grad_(False)
 
@@ -58,22 +57,12 @@ class ClipReward:
 
     def embed_images(self, images: Sequence[Any], image_ids: Sequence[str]) -> torch.Tensor:
         """Unit-norm image embeddings. Shape: (N, D)."""
-        missing = [i for i, key in enumerate(image_ids) if key not in self._cache]
-        fresh = {}
-        if missing:
+        def compute(missing: list[int]) -> torch.Tensor:
             pixels = torch.stack([self.preprocess(images[i]) for i in missing]).to(self.device)
             dtype = next(self.model.visual.parameters()).dtype
-            feats = F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
-            fresh = {image_ids[i]: f for i, f in zip(missing, feats)}
-        out = torch.stack([fresh[k] if k in fresh else self._cache[k] for k in image_ids])
-        if self.cache_size:
-            for key, feat in fresh.items():
-                self._cache[key] = feat
-            for key in image_ids:
-                self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return out
+            return F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
+
+        return self._cache.get(image_ids, compute)
 
     def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
         """Unit-norm text embeddings. Shape: (B, D)."""
