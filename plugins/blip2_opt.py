@@ -6,27 +6,53 @@ does. The frozen vision encoder runs once per image per step; the Q-Former runs 
 image (not per sample) and its output is shared by the K samples of that image.
 
 Trainable by default, as in the paper: the Q-Former, its query tokens and the language
-projection. The vision encoder and OPT stay frozen.
+projection. The vision encoder and OPT stay frozen. Optionally (off by default, the released
+weights have none) LoRA adapters on OPT train too, through ``peft``.
+
+The reference policy (the initial policy, for a KL penalty, and the reference LM) is never
+a second full model: it is this model with a frozen snapshot of only the trainable parts
+swapped in and the LoRA adapters disabled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import attrs
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from attrs import frozen
+
 from vlrm import hookimpl
+from vlrm.checkpoint import safe_load
 from vlrm.errors import ConfigError
 from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
 
 PARTS = ("vision_model", "qformer", "query_tokens", "language_projection", "language_model")
 PAPER_TRAINABLE = ("qformer", "query_tokens", "language_projection")
+
+
+@frozen
+class LoraSpec:
+    """LoRA adapters on the language model [ours: the paper trains none by default].
+
+    Args:
+        rank: Rank r of each adapter.
+        alpha: Scale numerator; the update is (alpha / r) * B A.
+        targets: Names of the OPT linear layers that get adapters.
+    """
+
+    rank: int
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -47,6 +73,7 @@ class Blip2OptPolicy(nn.Module):
         temperature: Sampling temperature; log-probs are computed at the same temperature.
         top_p: Nucleus sampling threshold (1.0 = off).
         top_k: Top-k sampling (0 = off).
+        lora: LoRA adapters to add to the language model; None = none.
     """
 
     def __init__(
@@ -58,6 +85,7 @@ class Blip2OptPolicy(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        lora: LoraSpec | None = None,
     ) -> None:
         super().__init__()
         unknown = set(trainable) - set(PARTS)
@@ -74,8 +102,15 @@ class Blip2OptPolicy(nn.Module):
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
+        if lora is not None:
+            if "language_model" in self.trainable:
+                raise ConfigError("LoRA and a fully trainable language_model exclude each other: "
+                                  "drop language_model from policy trainable, or set lora_rank 0")
+            _add_lora(model.language_model, lora)
+        self.lora = lora
         for name, param in model.named_parameters():
-            param.requires_grad_(name.split(".")[0] in self.trainable)
+            param.requires_grad_(name.split(".")[0] in self.trainable or ".lora_" in name)
+        self._reference: dict[str, torch.Tensor] | None = None
         lm = model.language_model
         self.hidden_size = lm.get_output_embeddings().in_features
         self.num_query_tokens = model.config.num_query_tokens
@@ -172,7 +207,8 @@ class Blip2OptPolicy(nn.Module):
             logits[..., self.suppressed] = torch.finfo(logits.dtype).min
         return torch.log_softmax(logits, dim=-1)
 
-    def evaluate(self, rollout: Rollout) -> PolicyOutput:
+    def _forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states (B, T, H), full log-probs (B, T, V) and those of the tokens (B, T)."""
         image_embeds = rollout.policy_state
         if image_embeds is None:
             image_embeds = self.encode_images(rollout.images)
@@ -187,9 +223,72 @@ class Blip2OptPolicy(nn.Module):
         start = prefix.shape[1] - 1
         hidden = hidden[:, start:start + tokens.shape[1]]  # (B, T, H)
         logp = self._log_softmax(lm.get_output_embeddings()(hidden))  # (B, T, V)
-        logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return hidden, logp, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    def evaluate(self, rollout: Rollout) -> PolicyOutput:
+        hidden, logp, logprobs = self._forward(rollout)
         entropy = -(logp.exp() * logp).sum(-1)
         return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
+
+    def snapshot_reference(self) -> int:
+        """Freeze the current policy as the reference: a copy of only the trainable parts.
+
+        LoRA weights are not copied (the reference has them disabled). Idempotent: the
+        first call fixes the reference. Returns the number of parameters copied.
+        """
+        if self._reference is None:
+            self._reference = {name: p.detach().clone() for name, p in self.model.named_parameters()
+                               if p.requires_grad and ".lora_" not in name}
+        return sum(t.numel() for t in self._reference.values())
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this block the model is the reference policy (the snapshot, LoRA off).
+
+        The snapshot's tensors are swapped in place of the trainable parameters' data and
+        swapped back on exit; nothing is copied. Use under ``torch.no_grad()``.
+        """
+        if self._reference is None:
+            raise RuntimeError("no reference snapshot: call snapshot_reference() first")
+        params = dict(self.model.named_parameters())
+        current = {name: params[name].data for name in self._reference}
+        try:
+            for name, ref in self._reference.items():
+                params[name].data = ref
+            with self.adapters_disabled():
+                yield
+        finally:
+            for name, data in current.items():
+                params[name].data = data
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The language model without its LoRA adapters (a no-op without LoRA)."""
+        layers = self._lora_layers()
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """log pi_ref(t_k | image, t_<k) under the reference policy. Shape: (B, T), zero on padding."""
+        with self.reference():
+            if "vision_model" in self.trainable:  # the cached features are the current ViT's
+                rollout = attrs.evolve(rollout, policy_state=None)
+            _, _, logprobs = self._forward(rollout)
+        return logprobs.float() * rollout.mask.to(logprobs.device)
+
+    def delta_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """The released-weights delta: Q-Former, query tokens and language projection.
+
+        Keys are those of ``Blip2ForConditionalGeneration.state_dict()``, so the result loads
+        onto the base model with ``load_state_dict(delta, strict=False)``.
+        """
+        return delta_of(self.model.state_dict(), dtype)
 
     def text_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """log p(t_k | BOS, t_<k) under the language model alone, without the image.
@@ -212,15 +311,100 @@ class Blip2OptPolicy(nn.Module):
         bos = torch.full((tokens.shape[0], 1), self.bos_token_id, device=self.device)
         inputs = torch.cat([bos, tokens], dim=1)
         attention = torch.cat([torch.ones_like(bos), mask.long()], dim=1)
-        with torch.no_grad():
+        # With LoRA the frozen OPT under the adapters is still the paper's reference LM.
+        with torch.no_grad(), self.adapters_disabled():
             logits = lm(input_ids=inputs, attention_mask=attention).logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return logp * mask
 
     def save_pretrained(self, path: str) -> None:
+        """A transformers directory of the base architecture, plus the adapters if any.
+
+        With LoRA, ``model.safetensors`` holds the un-merged base weights (so the folder
+        loads with plain ``from_pretrained``) and ``lora.safetensors`` / ``lora.json`` the
+        adapters; ``blip2_opt`` reads all three back. ``vlrm-export --merged`` writes a folder
+        with the adapters merged in.
+        """
+        state = self.model.state_dict()
         with _quiet_transformers():  # the trainer's own progress bar is on screen
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, state_dict=without_adapters(state))
             self.processor.save_pretrained(path)
+        if self.lora is not None:
+            save_file({k: v.detach().contiguous() for k, v in state.items() if ".lora_" in k},
+                      str(Path(path) / LORA_WEIGHTS))
+            (Path(path) / LORA_CONFIG).write_text(json.dumps(attrs.asdict(self.lora), indent=2) + "\n")
+
+    def merge_adapters(self) -> None:
+        """Fold the LoRA adapters into OPT's weights (irreversible); a no-op without LoRA."""
+        for layer in self._lora_layers():
+            layer.merge()
+
+    def _lora_layers(self) -> list[nn.Module]:
+        if self.lora is None:
+            return []
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.model.language_model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+LORA_WEIGHTS, LORA_CONFIG = "lora.safetensors", "lora.json"
+
+
+def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with LoRA removed and peft's wrapped names restored to the base names."""
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+
+def delta_of(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The parts of a BLIP-2 state dict the paper trains (its released delta), in ``dtype``."""
+    return {k: v.detach().to(dtype).contiguous().clone() for k, v in state.items()
+            if k.split(".")[0] in PAPER_TRAINABLE}
+
+
+def _add_lora(lm: nn.Module, spec: LoraSpec) -> None:
+    """Inject LoRA adapters into ``lm`` in place (no wrapper model is kept)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ModuleNotFoundError as exc:
+        raise ConfigError("policy lora_rank > 0 needs peft: pip install 'vlrm[lora]'") from exc
+    if spec.rank <= 0:
+        raise ConfigError(f"policy lora rank must be positive, got {spec.rank}")
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
+                        lora_dropout=0.0, bias="none")
+    try:
+        inject_adapter_in_model(config, lm)
+    except ValueError as exc:
+        raise ConfigError(f"policy lora_targets {list(spec.targets)}: {exc}") from exc
+
+
+def load_delta(model: nn.Module, path: str) -> list[str]:
+    """Load a delta (e.g. the authors' ``vlrm-blip2-opt-2.7b.pt``) onto ``model``.
+
+    The file is read with ``torch.load(weights_only=True)``: a file that needs code to be
+    unpickled is refused. Every key must exist in the model with the same shape (so a
+    delta for another architecture fails loudly instead of loading nothing); keys the delta
+    lacks keep the model's values, as ``load_state_dict(strict=False)`` does.
+
+    Returns:
+        The loaded keys.
+    """
+    where = f"policy delta {path!r}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: no such file")
+    delta = safe_load(path, "policy delta")
+    if not isinstance(delta, dict) or not all(isinstance(v, torch.Tensor) for v in delta.values()):
+        raise ConfigError(f"{where}: expected a dict of tensor names to tensors (a state dict)")
+    expected = model.state_dict()
+    unknown = sorted(k for k in delta if k not in expected)
+    if unknown:
+        raise ConfigError(f"{where}: {len(unknown)} key(s) are not in the model, e.g. "
+                          f"{', '.join(unknown[:3])}: is it a delta for BLIP-2 OPT?")
+    wrong = [f"{k} {tuple(delta[k].shape)} vs {tuple(expected[k].shape)}" for k in delta
+             if delta[k].shape != expected[k].shape]
+    if wrong:
+        raise ConfigError(f"{where}: shapes differ from the model's: {'; '.join(wrong[:3])}")
+    model.load_state_dict(delta, strict=False)
+    return sorted(delta)
 
 
 def blip2_opt(
@@ -233,11 +417,16 @@ def blip2_opt(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    delta: str | None = None,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
 ) -> Blip2OptPolicy:
     """Load a BLIP-2 OPT policy from the hub or a local transformers directory.
 
     Args:
-        model: Hub name (e.g. ``Salesforce/blip2-opt-2.7b``) or local directory.
+        model: Hub name (e.g. ``Salesforce/blip2-opt-2.7b``) or local directory (also a
+            run's ``checkpoints/<step>/policy``, LoRA adapters included).
         dtype: Dtype of the frozen parts: float32, bfloat16 or float16.
         device: Torch device.
         trainable: Parts that train [paper: qformer, query_tokens, language_projection].
@@ -246,6 +435,11 @@ def blip2_opt(
         temperature: Sampling temperature [ours: 1.0].
         top_p: Nucleus sampling [ours: off].
         top_k: Top-k sampling [ours: off].
+        delta: A delta file to start from, e.g. the authors' ``vlrm-blip2-opt-2.7b.pt``
+            (Q-Former, queries and projection; read with ``torch.load(weights_only=True)``).
+        lora_rank: Rank of LoRA adapters on OPT; 0 = no LoRA [ours: off, as released].
+        lora_alpha: LoRA scale numerator [ours: 16].
+        lora_targets: OPT linear layers that get adapters [ours: q_proj, v_proj].
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
@@ -264,11 +458,30 @@ def blip2_opt(
             f"policy.init_args.model: cannot load BLIP-2 from {model!r} ({exc}). Give a hub "
             "name reachable from this machine or a local directory written by save_pretrained."
         ) from exc
+    if delta is not None:
+        load_delta(net, delta)
+    saved_lora = Path(model, LORA_CONFIG)
+    lora = LoraSpec(lora_rank, lora_alpha, tuple(lora_targets)) if lora_rank else None
+    if saved_lora.is_file():
+        saved = LoraSpec(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in json.loads(saved_lora.read_text()).items()})
+        if lora is not None and lora != saved:
+            raise ConfigError(f"policy: {model!r} holds LoRA adapters {saved}, but the config "
+                              f"asks for {lora}; drop the lora_* settings to continue with them")
+        lora = saved
     for part in trainable:
         getattr(net, part).to(_dtype(trainable_dtype))
-    return Blip2OptPolicy(
-        net.to(device), processor, trainable=trainable, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k)
+    policy = Blip2OptPolicy(
+        net, processor, trainable=trainable, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, lora=lora)
+    if saved_lora.is_file():
+        missing = policy.model.load_state_dict(load_file(str(Path(model, LORA_WEIGHTS))), strict=False)
+        if any(".lora_" in k for k in missing.missing_keys):
+            raise ConfigError(f"policy: {Path(model, LORA_WEIGHTS)} lacks some adapter weights")
+    for name, param in policy.model.named_parameters():
+        if ".lora_" in name:
+            param.data = param.data.to(_dtype(trainable_dtype))
+    return policy.to(device)
 
 
 @contextlib.contextmanager
@@ -319,6 +532,10 @@ def tiny_blip2_opt(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    delta: str | None = None,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
 ) -> Blip2OptPolicy:
     """A random-weight BLIP-2 OPT of the real classes, small enough for CPU tests.
 
@@ -339,6 +556,10 @@ def tiny_blip2_opt(
         temperature: Sampling temperature.
         top_p: Nucleus sampling.
         top_k: Top-k sampling.
+        delta: A delta file loaded onto the random weights (see ``blip2_opt``).
+        lora_rank: Rank of LoRA adapters on OPT (0 = none).
+        lora_alpha: LoRA scale numerator.
+        lora_targets: OPT linear layers that get adapters.
     """
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
                               BlipImageProcessor)
@@ -375,7 +596,8 @@ def tiny_blip2_opt(
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         return blip2_opt(tmp, trainable=trainable, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, top_k=top_k)
+                         temperature=temperature, top_p=top_p, top_k=top_k, delta=delta,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
 
 
 @hookimpl

@@ -153,9 +153,18 @@ def test_paper_configs_train_with_tiny_models(name, sim, override, tmp_path):
     assert run(["--config", str(ROOT / "configs" / name),
                 '--policy={"class_path": "vlrm_plugins.blip2_opt.tiny_blip2_opt"}',
                 f'--reward.terms.{sim}.reward={{"class_path": "{override}"}}',
+                f"--reward.terms.{sim}.normalize=true", f"--reward.terms.{sim}.clip=3.0",
+                '--reward.terms.kl={"reward": {"class_path": '
+                '"vlrm_plugins.reference_kl.ReferenceKLPenalty"}, "weight": 0.05}',
                 "--data=vlrm_plugins.bundled_photos.bundled_photos", *FAST,
                 f"--output_dir={out}"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for term in (sim, "ref", "bad", "repeat"):
+    for term in (sim, "ref", "bad", "repeat", "kl"):
         assert f"reward/{term}" in rows[-1], term
+    for key in ("normalized", "running_mean", "running_std", "clipped"):
+        assert f"reward/{sim}/{key}" in rows[-1], key
+    assert rows[0]["reward/kl"] == pytest.approx(0.0, abs=1e-3)  # the first rollout is pi_ref's
+    from vlrm.checkpoint import LAST, load_state
+    saved = load_state(out / "checkpoints" / LAST)["reward"][sim]  # normalisation survives a save
+    assert saved["count"] == 2 * 2 * 2 and saved["mean"] == pytest.approx(rows[-1][f"reward/{sim}/running_mean"])
     assert {"reward/bad/rate", "reward/repeat/rate"} <= set(rows[-1])

@@ -71,3 +71,69 @@ def test_per_token_returns_of_a_composite_by_hand():
     returns = discounted_returns(rewards, rollout.mask, gamma=1.0)
     # R(t_k) = sum of rewards from k on: row 0 (3.5, 2.5, 2.5, 2.5, 2.5); row 1 (2, 1, pad)
     assert torch.equal(returns, torch.tensor([[3.5, 2.5, 2.5, 2.5, 2.5], [2.0, 1.0, 0, 0, 0]]))
+
+
+def test_running_moments_match_the_whole_stream():
+    from vlrm.rewards import RunningMoments
+
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, generator=gen) * 3 + 2 for n in (1, 5, 17, 2)]
+    moments = RunningMoments()
+    for chunk in chunks:
+        moments.update(chunk)
+    everything = torch.cat(chunks).double()
+    assert moments.count == 25
+    assert moments.mean == pytest.approx(everything.mean().item(), abs=1e-12)
+    assert moments.var == pytest.approx(everything.var(unbiased=False).item(), abs=1e-12)
+    again = RunningMoments()
+    again.load_state_dict(moments.state_dict())
+    assert again.state_dict() == moments.state_dict()
+
+
+def test_standardize_keeps_placement_and_standardises_caption_totals():
+    from vlrm.rewards import standardize
+
+    per_token = torch.tensor([[1.0, 0.0, 2.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    out = standardize(per_token, mask, mean=1.0, std=2.0)
+    # every token / 2, and 1/2 taken off each caption's last token
+    assert torch.allclose(out, torch.tensor([[0.5, 0.0, 0.5], [1.5, 0.0, 0.0]]))
+    assert torch.allclose(out.sum(1), (per_token.sum(1) - 1.0) / 2.0)
+
+
+def test_normalized_term_uses_running_statistics_and_logs_them():
+    rollout = make_rollout([["a b c", "d"], ["e f"]])  # word counts 3, 1, 2
+    composite = CompositeReward({"words": RewardTerm(WordCount(), 2.0, normalize=True),
+                                 "first": RewardTerm(FirstTokenBonus(), 1.0)})
+    out = composite(rollout)
+    counts = torch.tensor([3.0, 1.0, 2.0])
+    z = (counts - counts.mean()) / counts.std(unbiased=False)
+    expected_total = 2.0 * z + 0.5
+    assert torch.allclose(out.token.sum(1), expected_total, atol=1e-6)
+    assert out.metrics["words"] == pytest.approx(2.0)              # raw score is still logged
+    assert out.metrics["words/normalized"] == pytest.approx(0.0, abs=1e-6)
+    assert out.metrics["words/running_mean"] == pytest.approx(2.0)
+    assert out.metrics["words/running_std"] == pytest.approx(counts.std(unbiased=False).item())
+    assert "first/normalized" not in out.metrics
+    # a second batch is scaled with the statistics of both batches
+    second = composite(make_rollout([["a b c d e f"]]))
+    stream = torch.tensor([3.0, 1.0, 2.0, 6.0])
+    z6 = (6.0 - stream.mean()) / stream.std(unbiased=False)
+    assert second.metrics["words/normalized"] == pytest.approx(z6.item(), rel=1e-5)
+    state = composite.state_dict()
+    assert state["words"]["count"] == 4
+
+
+def test_clip_bounds_each_token_and_logs_the_clipped_share():
+    rollout = make_rollout([["a b c", "d"]])  # word counts 3 and 1
+    composite = CompositeReward({"words": RewardTerm(WordCount(), 1.0, clip=2.0)})
+    out = composite(rollout)
+    assert out.token.max().item() == 2.0
+    assert out.metrics["words/clipped"] == pytest.approx(0.5)     # the 3 was clipped, the 1 not
+    assert out.metrics["words/normalized"] == pytest.approx(1.5)  # (2 + 1) / 2
+    assert out.metrics["words"] == pytest.approx(2.0)
+
+
+def test_negative_clip_is_a_config_error():
+    with pytest.raises(ConfigError, match="reward.terms.words.clip"):
+        CompositeReward({"words": RewardTerm(WordCount(), clip=-1.0)})

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from vlrm.errors import ConfigError
+
 LAST = "last"
 
 
@@ -103,4 +105,43 @@ def save_state(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
 
 def load_state(path: Path) -> dict[str, Any]:
     """Load trainer state without unpickling code (``weights_only=True``)."""
-    return torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+    file = path / "trainer_state.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"no trainer state at {file}")
+    return safe_load(file, "trainer state")
+
+
+def safe_load(path: str | Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file and say what to do.
+
+    A file that would need Python code to be unpickled is refused (``ConfigError``), as is
+    one that is not a torch file at all; nothing in the file is ever executed.
+
+    Args:
+        path: The file.
+        what: What the file is meant to be, for messages (e.g. "policy delta").
+    """
+    import pickle
+    import re
+
+    where = f"{what} {str(path)!r}"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if code:
+            raise ConfigError(
+                f"{where} was refused: loading it would unpickle Python code ({code.group(1)}). "
+                "vlrm reads checkpoints only with torch.load(weights_only=True) and never runs "
+                "code from a file; re-save it as a plain dict of tensors "
+                "(torch.save(model.state_dict(), path)) from a source you trust.") from exc
+        raise ConfigError(f"{where}: not a readable torch file (the unpickler stopped: "
+                          f"{_last_detail(str(exc))})") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ConfigError(f"{where}: not a readable torch file ({exc})") from exc
+
+
+def _last_detail(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and "WeightsUnpickler" not in ln
+             and "documentation" not in ln and "weights_only" not in ln]
+    return lines[-1] if lines else "unknown error"

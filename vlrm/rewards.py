@@ -18,10 +18,72 @@ class RewardTerm:
     Args:
         reward: The reward model.
         weight: Multiplies the term before it is added to the total.
+        normalize: Standardise the term with running statistics of its per-caption score
+            before weighting [ours: off].
+        clip: Clamp each per-token value (after normalising) to [-clip, clip]; 0 = off
+            [ours: off].
     """
 
     reward: Reward
     weight: float = 1.0
+    normalize: bool = False
+    clip: float = 0.0
+
+
+class RunningMoments:
+    """Running mean and variance of a stream of scores (Chan et al.'s parallel update).
+
+    Attributes:
+        count: Scores seen.
+        mean: Their mean.
+        var: Their population variance.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.var = 0, 0.0, 1.0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold in a batch. Shape: (B,)."""
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean, batch_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = (self.var * self.count + batch_var * n + delta * delta * self.count * n / total)
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 0.0) ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.var = int(state["count"]), float(state["mean"]), float(state["var"])
+
+
+def standardize(per_token: torch.Tensor, mask: torch.Tensor, mean: float, std: float,
+                eps: float = 1e-8) -> torch.Tensor:
+    """Rescale per-token rewards so each caption's total becomes (total - mean) / std.
+
+    Every token is divided by std and the mean is taken off the last token, so the terms
+    keep their placement.
+
+    Args:
+        per_token: Shape: (B, T).
+        mask: Shape: (B, T), bool.
+
+    Returns:
+        Shape: (B, T), zero on padding.
+    """
+    scaled = per_token / (std + eps)
+    shift = torch.full((per_token.shape[0],), mean / (std + eps), device=per_token.device)
+    return (scaled - place_on_last_token(shift, mask)) * mask
 
 
 def to_token_rewards(output: RewardOutput, mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -62,7 +124,10 @@ class CompositeReward:
     The terms are a mapping so that one can be reweighted or added from the command line
     (``--reward.terms.clip.weight 0.5``). Metrics: ``<name>`` is the mean unweighted
     score per caption of each term, ``total`` the mean weighted sum per caption, and each
-    term's own metrics appear as ``<name>/<key>``.
+    term's own metrics appear as ``<name>/<key>``. A term with ``normalize`` also logs
+    ``<name>/normalized`` (its mean score after normalising and clipping) and the running
+    ``<name>/running_mean`` and ``<name>/running_std``; one with ``clip`` logs
+    ``<name>/clipped``, the share of its nonzero token values that were clipped.
 
     Args:
         terms: Reward terms keyed by name.
@@ -72,6 +137,10 @@ class CompositeReward:
         if not terms:
             raise ConfigError("reward.terms is empty: configure at least one reward term")
         self.terms = dict(terms)
+        for name, term in self.terms.items():
+            if term.clip < 0:
+                raise ConfigError(f"reward.terms.{name}.clip must be >= 0, got {term.clip}")
+        self.moments = {name: RunningMoments() for name, term in self.terms.items() if term.normalize}
 
     def bind_policy(self, policy: object) -> None:
         """Hand the policy to every term that asks for it (e.g. one reusing the policy's LM)."""
@@ -85,8 +154,36 @@ class CompositeReward:
         for name, term in self.terms.items():
             output = term.reward(rollout)
             per_token = to_token_rewards(output, rollout.mask, name)
-            total = total + term.weight * per_token
             metrics[name] = per_token.sum(dim=1).mean().item()
             metrics.update({f"{name}/{key}": value for key, value in output.metrics.items()})
+            per_token = self._shape(name, term, per_token, rollout.mask, metrics)
+            total = total + term.weight * per_token
         metrics["total"] = total.sum(dim=1).mean().item()
         return RewardOutput(token=total, metrics=metrics)
+
+    def _shape(self, name: str, term: RewardTerm, per_token: torch.Tensor, mask: torch.Tensor,
+               metrics: dict[str, float]) -> torch.Tensor:
+        """Running normalisation, then clipping, of one term; logs what each did."""
+        if term.normalize:
+            moments = self.moments[name]
+            moments.update(per_token.sum(dim=1))
+            per_token = standardize(per_token, mask, moments.mean, moments.std)
+            metrics[f"{name}/running_mean"] = moments.mean
+            metrics[f"{name}/running_std"] = moments.std
+        if term.clip:
+            nonzero = (per_token != 0) & mask
+            clipped = (per_token.abs() > term.clip) & nonzero
+            metrics[f"{name}/clipped"] = clipped.sum().item() / max(nonzero.sum().item(), 1)
+            per_token = per_token.clamp(-term.clip, term.clip)
+        if term.normalize or term.clip:
+            metrics[f"{name}/normalized"] = per_token.sum(dim=1).mean().item()
+        return per_token
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """Running normalisation statistics, per term (saved with the trainer state)."""
+        return {name: m.state_dict() for name, m in self.moments.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        for name, values in state.items():
+            if name in self.moments:
+                self.moments[name].load_state_dict(values)

@@ -17,7 +17,7 @@ from vlrm import rl
 from vlrm.checkpoint import save_state, write_checkpoint
 from vlrm.data import ImageFolder
 from vlrm.protocols import Policy, Reward
-from vlrm.rewards import bind_if_policy_aware
+from vlrm.rewards import CompositeReward, bind_if_policy_aware
 from vlrm.value_head import ValueHead
 
 
@@ -139,6 +139,8 @@ class Trainer:
             state = {"optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state()}
+            if isinstance(self.reward, CompositeReward):  # running reward normalisation
+                state["reward"] = self.reward.state_dict()
             save_state(path, state, {"step": self.step, "hidden_size": self.policy.hidden_size,
                                      "value_hidden": self.config.value_hidden})
 
