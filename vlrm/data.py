@@ -96,6 +96,18 @@ class ImageFolder:
             self.skipped.add(path)
             return None
 
+    def ids(self) -> list[str]:
+        """Image ids: the file paths, as strings."""
+        return [str(p) for p in self.paths]
+
+    def load_image(self, image_id: str) -> Image.Image | None:
+        """The image with this id (see ``load``)."""
+        return self.load(Path(image_id))
+
+    def references(self, image_id: str) -> None:
+        """A folder of images has no reference captions."""
+        return None
+
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[list[tuple[str, Image.Image]]]:
         """Yield lists of ``(image_id, image)``; each epoch is a fresh seeded shuffle."""
         if batch_size < 1:

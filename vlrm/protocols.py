@@ -6,11 +6,12 @@ vlrm. ``vlrm.testing`` checks a component against its contract.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from vlrm.evaluation import CaptionSet
 from vlrm.structs import PolicyOutput, RewardOutput, Rollout
 
 
@@ -47,10 +48,12 @@ class Reward(Protocol):
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Measures captions against their images; returns flat metric names and values."""
+    """Measures one policy's captions (a ``CaptionSet``: one caption per image, image
+    loader, optional references); returns flat metric names, without a prefix, and values
+    (numbers, or strings recording the protocol used, e.g. the CLIP backbone)."""
 
-    def __call__(self, rollout: Rollout) -> dict[str, float]:
-        """Return metrics such as ``{"caption/length": 9.5}``."""
+    def __call__(self, captions: CaptionSet) -> Mapping[str, float | int | str]:
+        """Return metrics such as ``{"r1": 0.42, "backbone": "ViT-g-14"}``."""
 
 
 @runtime_checkable
