@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlrm-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup system-deps demo test test-fast clean
 
 $(STAMP): pyproject.toml examples/reward_plugin/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,18 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vlrm-run --config configs/tiny.yaml
 
-test: $(STAMP)
+# Debian packages the tests use: Chromium renders report.html, Java runs the COCO metrics.
+system-deps:
+	@if command -v chromium >/dev/null && command -v java >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium default-jre-headless; \
+	else echo "note: install chromium and a Java runtime (apt-get install chromium default-jre-headless) for the report and COCO-metrics tests"; fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-deps
 	$(PY) -m pytest tests -m "not slow"
 
 clean:

@@ -31,7 +31,7 @@ from torch import nn
 from attrs import frozen
 
 from vlrm import hookimpl
-from vlrm.checkpoint import safe_load
+from vlrm.checkpoint import find_policy_dir, safe_load
 from vlrm.errors import ConfigError
 from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
@@ -190,6 +190,37 @@ class Blip2OptPolicy(nn.Module):
             mask=mask, logprobs=logprobs.float(), captions=captions,
             token_ends=token_char_ends(self.tokenizer, rows, captions, tokens.shape[1]),
             policy_state=image_embeds)
+
+    @torch.no_grad()
+    def caption(self, images: Sequence[Any], max_new_tokens: int = 60, num_beams: int = 1,
+                ) -> tuple[list[str], list[int]]:
+        """Deterministic captions for evaluation: greedy (or beam) search, no prompt.
+
+        Defaults follow the released model's card: greedy, no prompt, 60 new tokens.
+
+        Returns:
+            The captions and their lengths in tokens (the end token included).
+        """
+        tokens, mask = self.search(images, max_new_tokens, num_beams)
+        rows = [row[keep].tolist() for row, keep in zip(tokens, mask)]
+        return self.decode(rows), [len(r) for r in rows]
+
+    @torch.no_grad()
+    def search(self, images: Sequence[Any], max_new_tokens: int = 60, num_beams: int = 1,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy (num_beams 1) or beam-search tokens. Shapes: (N, T) ids and (N, T) bool mask."""
+        from transformers import GenerationConfig
+
+        prefix = self.prefix_embeds(self.encode_images(images))
+        config = GenerationConfig(
+            do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id, suppress_tokens=self.suppressed or None)
+        tokens = self.model.language_model.generate(
+            inputs_embeds=prefix,
+            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device),
+            generation_config=config)
+        return tokens, self.generated_mask(tokens)
 
     def generated_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """Shape: (B, T) bool: True up to and including each caption's first EOS."""
@@ -450,6 +481,8 @@ def blip2_opt(
     unknown = set(trainable) - set(PARTS)
     if unknown:
         raise ConfigError(f"policy trainable parts {sorted(unknown)} are not among {PARTS}")
+    if Path(model).expanduser().is_dir():  # a run's output_dir or checkpoint works too
+        model = str(find_policy_dir(Path(model).expanduser()))
     try:
         processor = Blip2Processor.from_pretrained(model)
         net = Blip2ForConditionalGeneration.from_pretrained(model, dtype=_dtype(dtype))

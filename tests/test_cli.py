@@ -75,10 +75,23 @@ def test_print_config_builds_nothing(capsys):
     assert cfg["policy"]["class_path"] == "vlrm_plugins.blip2_opt.tiny_blip2_opt"
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_parses(config):
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+EVAL_CONFIGS = [p for p in CONFIGS if "policies" in yaml.safe_load(p.read_text())]
+
+
+@pytest.mark.parametrize("config", [p for p in CONFIGS if p not in EVAL_CONFIGS], ids=lambda p: p.name)
+def test_every_shipped_training_config_parses(config):
     cfg = build_parser().parse_args(["--config", str(config)])
     assert cfg.policy.class_path and cfg.reward.terms and cfg.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_eval_config_parses(config):
+    from vlrm.eval_cli import build_parser as eval_parser
+
+    cfg = eval_parser().parse_args(["--config", str(config)])
+    assert cfg.policies and cfg.evaluators and cfg.generation.num_beams == 1
+    assert cfg.generation.max_new_tokens in (12, 60)
 
 
 def test_retrieval_spec_instantiates_with_tiny_models(tmp_path):

@@ -97,6 +97,16 @@ def list_checkpoints(checkpoints: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def find_policy_dir(path: str | Path) -> Path:
+    """The policy folder inside a run directory, a checkpoint, or the folder itself."""
+    path = Path(path)
+    for candidate in (path / "checkpoints" / LAST / "policy", path / "policy", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"{str(path)!r} holds no policy: give a run's output_dir, one of its "
+                      "checkpoints/step-<N> folders, or a transformers directory")
+
+
 def save_state(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
     """Save trainer state (tensors and plain containers) and a readable JSON summary."""
     torch.save(state, path / "trainer_state.pt")

@@ -7,7 +7,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from vlrm.errors import ConfigError
 
@@ -29,14 +29,10 @@ def _config_files(argv: list[str]) -> list[str]:
     return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
 
-def build_parser() -> Any:
-    """The ``vlrm-run`` parser: policy, reward terms, data, trainer settings, output folder."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from vlrm.data import ImageFolder
-    from vlrm.protocols import Policy
-    from vlrm.rewards import CompositeReward
-    from vlrm.trainer import TrainerConfig
+def new_parser(prog: str, description: str) -> Any:
+    """A jsonargparse parser whose errors are one short paragraph (exit 2), naming the
+    config files given with --config (set ``parser.config_files``)."""
+    from jsonargparse import ArgumentParser
 
     class Parser(ArgumentParser):
         config_files: list[str] = []
@@ -49,7 +45,20 @@ def build_parser() -> Any:
                              f"`{self.prog} --config FILE --print_config` to see a resolved config.\n")
             raise SystemExit(EXIT_CONFIG)
 
-    parser = Parser(prog="vlrm-run", description=(
+    return Parser(prog=prog, description=description)
+
+
+def build_parser() -> Any:
+    """The ``vlrm-run`` parser: policy, reward terms, data, trainer settings, output folder."""
+    from jsonargparse import ActionConfigFile
+
+    from vlrm.data import ImageFolder
+    from vlrm.evaluation import PeriodicEval
+    from vlrm.protocols import Policy
+    from vlrm.rewards import CompositeReward
+    from vlrm.trainer import TrainerConfig
+
+    parser = new_parser("vlrm-run", (
         "Fine-tune an image captioner with A2C against vision-language reward models "
         "(VLRM). Options can come from a YAML file (--config) and be overridden after it "
         "on the command line with dotted names, e.g. --trainer.max_steps 3."))
@@ -61,6 +70,9 @@ def build_parser() -> Any:
                         help="Captioning policy: class_path (a class or builder) and init_args.")
     parser.add_class_arguments(CompositeReward, "reward", help="Weighted reward terms by name.")
     parser.add_class_arguments(TrainerConfig, "trainer", help="A2C loop settings.")
+    parser.add_argument("--eval", type=Optional[PeriodicEval], default=None,
+                        help="Evaluation on held-out images before training and every N "
+                             "steps (vlrm.evaluation.PeriodicEval); default none.")
     parser.add_argument("--output_dir", type=str, default="runs/vlrm",
                         help="Receives config.yaml, metrics.jsonl and checkpoints/.")
     return parser
@@ -88,7 +100,8 @@ def run(argv: list[str] | None = None) -> int:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(parser.dump(cfg))
-    trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir)
+    trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir,
+                      evaluation=init.get("eval"))
     try:
         trainer.train()
     except ConfigError as exc:

@@ -20,21 +20,11 @@ from pathlib import Path
 
 import torch
 
-from vlrm.checkpoint import LAST
+from vlrm.checkpoint import find_policy_dir
 from vlrm.errors import ConfigError
 
 EXIT_CONFIG = 2
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def find_policy_dir(path: str | Path) -> Path:
-    """The policy folder inside a run directory, a checkpoint, or the folder itself."""
-    path = Path(path)
-    for candidate in (path / "checkpoints" / LAST / "policy", path / "policy", path):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise ConfigError(f"{str(path)!r} holds no policy: give a run's output_dir, one of its "
-                      "checkpoints/step-<N> folders, or a transformers directory")
 
 
 def write_delta(state: dict[str, torch.Tensor], path: str | Path) -> None:

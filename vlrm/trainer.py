@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from vlrm import rl
 from vlrm.checkpoint import save_state, write_checkpoint
 from vlrm.data import ImageFolder
+from vlrm.evaluation import PeriodicEval, numeric
 from vlrm.protocols import Policy, Reward
 from vlrm.rewards import CompositeReward, bind_if_policy_aware
 from vlrm.value_head import ValueHead
@@ -72,12 +73,15 @@ class Trainer:
         reward: Usually a ``CompositeReward``; its metrics are logged as ``reward/<key>``.
         data: Source of unlabelled images.
         config: Loop settings.
-        output_dir: Receives ``metrics.jsonl`` and ``checkpoints/``.
+        output_dir: Receives ``metrics.jsonl``, ``checkpoints/`` and ``eval/``.
+        evaluation: Periodic evaluation on held-out images; None = none.
     """
 
     def __init__(self, policy: Policy, reward: Reward, data: ImageFolder,
-                 config: TrainerConfig, output_dir: str | Path) -> None:
+                 config: TrainerConfig, output_dir: str | Path,
+                 evaluation: PeriodicEval | None = None) -> None:
         self.policy, self.reward, self.data, self.config = policy, reward, data, config
+        self.evaluation = evaluation
         self.output_dir = Path(output_dir)
         device = next(iter(policy.trainable_parameters())).device
         self.value_head = ValueHead(policy.hidden_size, config.value_hidden).to(device)
@@ -147,6 +151,13 @@ class Trainer:
         return write_checkpoint(self.output_dir / "checkpoints", self.step, write,
                                 keep_last=self.config.keep_last)
 
+    def _evaluate(self, log: Any) -> None:
+        """Run the periodic evaluation; its numbers go to metrics.jsonl as ``eval/...``."""
+        metrics = self.evaluation(self.policy, self.step, self.output_dir)
+        row = {"step": self.step, **{f"eval/{k}": v for k, v in numeric(metrics).items()}}
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
     def train(self) -> list[dict[str, float]]:
         """Run ``max_steps`` updates, logging to ``metrics.jsonl``; returns every step's metrics."""
         from tqdm.auto import tqdm
@@ -159,6 +170,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, desc="vlrm", file=sys.stderr, disable=not cfg.progress,
                    dynamic_ncols=True)
         with open(self.output_dir / "metrics.jsonl", "a") as log:
+            if self.evaluation is not None and self.step == 0:
+                self._evaluate(log)  # the baseline, before any update
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
                 metrics = self.train_step(next(batches))
@@ -172,6 +185,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/total']:.3f}",
                                 loss=f"{metrics['loss/total']:.3f}")
+                if self.evaluation is not None and self.evaluation.due(
+                        self.step, last=self.step == cfg.max_steps):
+                    self._evaluate(log)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save()
         bar.close()
