@@ -193,21 +193,28 @@ class Blip2OptPolicy(nn.Module):
 
     @torch.no_grad()
     def caption(self, images: Sequence[Any], max_new_tokens: int = 60, num_beams: int = 1,
-                ) -> tuple[list[str], list[int]]:
+                allowed_tokens: Any = None) -> tuple[list[str], list[int]]:
         """Deterministic captions for evaluation: greedy (or beam) search, no prompt.
 
         Defaults follow the released model's card: greedy, no prompt, 60 new tokens.
 
+        Args:
+            images: The images.
+            max_new_tokens: Longest caption.
+            num_beams: 1 = greedy.
+            allowed_tokens: Optional ``fn(batch_id, generated_ids) -> list[int]`` that
+                constrains each step (transformers' ``prefix_allowed_tokens_fn``).
+
         Returns:
             The captions and their lengths in tokens (the end token included).
         """
-        tokens, mask = self.search(images, max_new_tokens, num_beams)
+        tokens, mask = self.search(images, max_new_tokens, num_beams, allowed_tokens)
         rows = [row[keep].tolist() for row, keep in zip(tokens, mask)]
         return self.decode(rows), [len(r) for r in rows]
 
     @torch.no_grad()
     def search(self, images: Sequence[Any], max_new_tokens: int = 60, num_beams: int = 1,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               allowed_tokens: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy (num_beams 1) or beam-search tokens. Shapes: (N, T) ids and (N, T) bool mask."""
         from transformers import GenerationConfig
 
@@ -219,7 +226,7 @@ class Blip2OptPolicy(nn.Module):
         tokens = self.model.language_model.generate(
             inputs_embeds=prefix,
             attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device),
-            generation_config=config)
+            generation_config=config, prefix_allowed_tokens_fn=allowed_tokens)
         return tokens, self.generated_mask(tokens)
 
     def generated_mask(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -290,7 +290,7 @@ figure.item > img { display: block; margin: 0 auto 0.5rem; max-width: 100%; }
 .image-id { font-family: ui-monospace, monospace; font-size: 0.8rem; color: #59636e;
             word-break: break-all; margin-bottom: 0.4rem; }
 .captions { display: grid; grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); gap: 0.5rem; }
-.caption { background: #f6f8fa; border-radius: 4px; padding: 0.4rem 0.5rem; }
+.caption { background: #f6f8fa; border-radius: 4px; padding: 0.4rem 0.5rem; overflow-wrap: anywhere; min-width: 0; }
 .caption .policy { font-size: 0.75rem; font-weight: 600; text-transform: uppercase; color: #0969da; }
 .caption p { margin: 0.2rem 0 0; }
 .references { margin-top: 0.5rem; font-size: 0.85rem; color: #59636e; }

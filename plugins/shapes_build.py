@@ -1,0 +1,328 @@
+"""Build the shapes world's models from scratch on a CPU, with vlrm's own model classes.
+
+``build_world`` trains, in order:
+
+1. the reward CLIP and the judge CLIP (open_clip ``CLIP``; different seeds and sizes, no
+   shared weights; trained contrastively on true captions, 70% full and 30% partial);
+2. the captioner's vision encoder (transformers ``Blip2VisionModel``), pretrained
+   contrastively against a throwaway text tower and then frozen, as BLIP-2 freezes its
+   contrastively pretrained EVA-CLIP ViT;
+3. the captioner (``Blip2ForConditionalGeneration`` with a word-level tokenizer), trained with
+   cross-entropy on the world's biased captions: it learns to name shapes and to leave
+   colours and sizes out, the shortcoming VLRM's RL is meant to fix.
+
+Everything is written under ``out_dir`` in the formats the real loaders read (``local-dir:``
+open_clip folders, a transformers directory), with ``build.json`` recording the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlrm.errors import ConfigError
+from vlrm_plugins.shapes_world import SHAPES, ShapesWorld
+
+MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # open_clip's OpenAI
+STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+
+
+def word_tokenizer(world: ShapesWorld, end_token: bool = False) -> Any:
+    """A word-level tokenizer over the world's vocabulary, as a transformers tokenizer.
+
+    Args:
+        world: Supplies the vocabulary.
+        end_token: Append ``</s>`` to every encoding (the CLIPs pool their text there).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + world.vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if end_token:
+        core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def pixels(images: Sequence[Any]) -> torch.Tensor:
+    """PIL images (already 64 x 64) as normalised tensors. Shape: (N, 3, 64, 64)."""
+    import numpy as np
+
+    array = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
+    return (array.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
+
+
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+
+def _info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive loss of matching rows. Shapes: (B, D), (B, D), ()."""
+    logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _clip_captions(world: ShapesWorld, index: int) -> str:
+    # 70% full, 30% partial: the CLIPs must learn that colours and sizes matter
+    return world.full_caption("train", index) if (index * 7919) % 10 < 7 else \
+        world.partial_caption("train", index)
+
+
+def _optimise(batch_loss: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+              num_items: int, steps: int, batch_size: int, lr: float, weight_decay: float,
+              seed: int, desc: str, progress: bool) -> dict[str, Any]:
+    """AdamW with warm-up and cosine decay over random batches of item indices.
+
+    Args:
+        batch_loss: Loss of a batch, given its indices. Shape of the indices: (batch_size,).
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    losses, bar = [], _bar(steps, desc, progress)
+    for _ in range(steps):
+        loss = batch_loss(torch.randint(num_items, (batch_size,), generator=generator))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return {"steps": steps, "final_loss": sum(losses[-20:]) / max(1, min(20, len(losses)))}
+
+
+def _train_contrastive(encode_image: Callable[[torch.Tensor], torch.Tensor],
+                       encode_text: Callable[[list[str]], torch.Tensor], params: list[nn.Parameter],
+                       scale: Any, world: ShapesWorld, images: torch.Tensor,
+                       steps: int, batch_size: int, lr: float, seed: int, desc: str,
+                       progress: bool) -> dict[str, Any]:
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        texts = [_clip_captions(world, i) for i in idx.tolist()]
+        return _info_nce(encode_image(images[idx]), encode_text(texts), scale)
+
+    return _optimise(batch_loss, params, len(images), steps, batch_size, lr, 0.05, seed, desc,
+                     progress)
+
+
+def train_clip(world: ShapesWorld, images: torch.Tensor, out_dir: Path, seed: int, width: int,
+               layers: int, steps: int, batch_size: int = 128, lr: float = 1e-3,
+               progress: bool = True, desc: str = "clip") -> dict[str, Any]:
+    """Train an open_clip CLIP on the world and save it as a ``local-dir:`` folder."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    from vlrm_plugins.clip_reward import save_open_clip_dir, tiny_clip_config
+
+    words = word_tokenizer(world, end_token=True)
+    cfg = tiny_clip_config(embed_dim=width, width=width, layers=layers, image_size=64,
+                           context_length=32)
+    # The world's own words (about 100) instead of CLIP's 49,408 BPE tokens: the text tower
+    # pools at the end token. open_clip reads the tokenizer from the model folder.
+    cfg["text_cfg"].update(vocab_size=len(words), hf_tokenizer_name="shapes-words", pool_type="eos",
+                           eos_id=words.eos_token_id, pad_id=words.pad_token_id)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        words.save_pretrained(tmp)
+        tokenizer = HFTokenizer(tmp, context_length=32)
+    fit = _train_contrastive(
+        model.encode_image, lambda texts: model.encode_text(tokenizer(texts)),
+        list(model.parameters()), _ScaleView(model), world, images,
+        steps, batch_size, lr, seed, desc, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_open_clip_dir(model.eval(), cfg, str(out_dir))
+    words.save_pretrained(str(out_dir))
+    return {"seed": seed, "width": width, "layers": layers, **fit}
+
+
+class _ScaleView:
+    """The live ``exp(logit_scale)`` of a CLIP, clamped as open_clip does (max 100)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __mul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.model.logit_scale.exp().clamp(max=100) * other
+
+    __rmul__ = __mul__
+
+
+class _TextTower(nn.Module):
+    """Throwaway text encoder for pretraining the captioner's vision encoder."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(32, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.project = nn.Linear(width, width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.position[:ids.shape[1]]
+        x = self.encoder(x, src_key_padding_mask=~mask)
+        pooled = (x * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        return self.project(pooled)
+
+
+def captioner_config(tokenizer: Any, width: int = 64, layers: int = 2, num_query_tokens: int = 8) -> Any:
+    """A tiny ``Blip2Config`` for 64 x 64 images and the world's word vocabulary."""
+    from transformers import Blip2Config
+
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    return Blip2Config(
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                           num_attention_heads=4, image_size=64, patch_size=8),
+        qformer_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                            num_attention_heads=4, vocab_size=64, max_position_embeddings=64,
+                            encoder_hidden_size=width),
+        text_config=dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=width,
+                         ffn_dim=4 * width, num_hidden_layers=layers, num_attention_heads=4,
+                         max_position_embeddings=64, word_embed_proj_dim=width,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        num_query_tokens=num_query_tokens, image_token_index=image_token)
+
+
+def pretrain_vision(model: Any, tokenizer: Any, world: ShapesWorld, images: torch.Tensor, seed: int,
+                    steps: int, batch_size: int = 128, lr: float = 1e-3, progress: bool = True) -> dict[str, Any]:
+    """Contrastively pretrain ``model.vision_model`` (in place) against a throwaway text tower."""
+    torch.manual_seed(seed)
+    vision = model.vision_model.train()
+    width = vision.config.hidden_size
+    head = nn.Linear(width, width)
+    text = _TextTower(len(tokenizer), width)
+    scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def encode_image(x: torch.Tensor) -> torch.Tensor:
+        return head(vision(pixel_values=x).last_hidden_state.mean(1))
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        return text(enc["input_ids"], enc["attention_mask"].bool())
+
+    params = list(vision.parameters()) + list(head.parameters()) + list(text.parameters()) + [scale]
+    fit = _train_contrastive(encode_image, encode_text, params, _ParamScale(scale), world, images,
+                             steps, batch_size, lr, seed, "vision", progress)
+    vision.eval()
+    return fit
+
+
+class _ParamScale(_ScaleView):
+    def __init__(self, log_scale: nn.Parameter) -> None:
+        self.log_scale = log_scale
+
+    def __mul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=100) * other
+
+    __rmul__ = __mul__
+
+
+def train_captioner(policy: Any, world: ShapesWorld, features: torch.Tensor, steps: int,
+                    batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                    progress: bool = True) -> dict[str, Any]:
+    """Cross-entropy on the biased captions, through the policy's own scoring path.
+
+    Args:
+        policy: A ``Blip2OptPolicy`` whose trainable parts are everything but the vision encoder.
+        features: Frozen vision features of the training images. Shape: (N, P, H).
+    """
+    from vlrm.structs import Rollout
+
+    tok = policy.tokenizer
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        captions = [world.biased_caption("train", i) for i in idx.tolist()]
+        ids = [tok(c, add_special_tokens=False)["input_ids"] + [policy.eos_token_id] for c in captions]
+        width = max(map(len, ids))
+        tokens = torch.tensor([row + [policy.pad_token_id] * (width - len(row)) for row in ids])
+        mask = torch.tensor([[k < len(row) for k in range(width)] for row in ids])
+        rollout = Rollout(images=[None] * len(idx), image_ids=[str(i) for i in idx.tolist()],
+                          group=torch.arange(len(idx)), tokens=tokens, mask=mask,
+                          logprobs=torch.zeros(tokens.shape), captions=captions,
+                          policy_state=features[idx])
+        logprobs = policy.evaluate(rollout).logprobs
+        return -(logprobs * mask).sum() / mask.sum()
+
+    return _optimise(batch_loss, list(policy.trainable_parameters()), len(features), steps,
+                     batch_size, lr, 0.01, seed, "captioner", progress)
+
+
+def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_images: int = 12000,
+                reward_clip_steps: int = 1500, judge_clip_steps: int = 1500,
+                vision_steps: int = 2000, captioner_steps: int = 3000,
+                progress: bool = True) -> dict[str, Any]:
+    """Train every model of the shapes world and write them to ``out_dir``.
+
+    Args:
+        out_dir: Receives ``reward_clip/``, ``judge_clip/``, ``captioner/`` and ``build.json``.
+        seed: World and training seed.
+        train_images: Training images rendered (from the world's train split).
+        reward_clip_steps: Contrastive steps of the reward CLIP.
+        judge_clip_steps: Contrastive steps of the judge CLIP.
+        vision_steps: Contrastive steps of the captioner's vision encoder.
+        captioner_steps: Cross-entropy steps of the captioner.
+        progress: Show progress bars.
+    """
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+    from vlrm_plugins.blip2_opt import Blip2OptPolicy, _quiet_transformers
+
+    if train_images < 64:
+        raise ConfigError(f"shapes build train_images must be >= 64, got {train_images}")
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = ShapesWorld(seed)
+    images = pixels([world.image("train", i) for i in range(train_images)])
+    record: dict[str, Any] = {"seed": seed, "train_images": train_images, "shapes": list(SHAPES)}
+    # 1. the two CLIPs: different seeds and sizes, nothing shared
+    record["reward_clip"] = train_clip(world, images, out / "reward_clip", seed + 1, width=64, layers=2,
+                                       steps=reward_clip_steps, progress=progress, desc="reward clip")
+    record["judge_clip"] = train_clip(world, images, out / "judge_clip", seed + 2, width=96, layers=3,
+                                      steps=judge_clip_steps, progress=progress, desc="judge clip")
+    # 2. the captioner's vision encoder, pretrained contrastively, then frozen
+    tokenizer = word_tokenizer(world)
+    processor = Blip2Processor(BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer,
+                               num_query_tokens=8)
+    torch.manual_seed(seed + 3)
+    model = Blip2ForConditionalGeneration(captioner_config(tokenizer))
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 0.02)
+    record["vision"] = pretrain_vision(model, tokenizer, world, images, seed + 3, vision_steps,
+                                       progress=progress)
+    # 3. the captioner, cross-entropy on the biased captions, the vision encoder frozen
+    policy = Blip2OptPolicy(model, processor, trainable=("qformer", "query_tokens",
+                                                         "language_projection", "language_model"),
+                            max_new_tokens=20)
+    with torch.no_grad():
+        features = torch.cat([policy.model.vision_model(pixel_values=images[i:i + 256]).last_hidden_state
+                              for i in range(0, len(images), 256)])
+    record["captioner"] = train_captioner(policy, world, features, captioner_steps, seed=seed + 4,
+                                          progress=progress)
+    with _quiet_transformers():
+        model.save_pretrained(str(out / "captioner"))
+        processor.save_pretrained(str(out / "captioner"))
+    record["build_seconds"] = round(time.perf_counter() - start, 1)
+    (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,80 @@
+"""A reduced shapes-world build and a short demo run, as CI runs them."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlrm_plugins.shapes_world import parse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from vlrm_plugins.shapes_build import build_world
+
+    out = tmp_path_factory.mktemp("world")
+    record = build_world(str(out), train_images=256, reward_clip_steps=20, judge_clip_steps=20,
+                         vision_steps=20, captioner_steps=40, progress=False)
+    assert record["captioner"]["steps"] == 40
+    return out
+
+
+def test_build_writes_models_the_real_loaders_read(built):
+    from transformers import Blip2ForConditionalGeneration
+
+    from vlrm_plugins.shapes_world import shapes_captioner, shapes_clip_recall, shapes_reward_clip
+
+    assert json.loads((built / "build.json").read_text())["train_images"] == 256
+    Blip2ForConditionalGeneration.from_pretrained(str(built / "captioner"))
+    policy = shapes_captioner(str(built))
+    assert {n.split(".")[0] for n, p in policy.model.named_parameters() if p.requires_grad} == {
+        "qformer", "query_tokens", "language_projection"}
+    reward = shapes_reward_clip(str(built))
+    assert reward.context_length == 32
+    judge = shapes_clip_recall(str(built), "judge")
+    assert judge.clip.model is not reward.model
+    # the judge shares no weights with the reward CLIP (other seed and width)
+    assert judge.clip.model.visual.conv1.weight.shape != reward.model.visual.conv1.weight.shape
+
+
+def test_full_grammar_constraint_forces_complete_captions(built):
+    from vlrm_plugins.shapes_demo import full_grammar
+    from vlrm_plugins.shapes_world import ShapesImages, shapes_captioner
+
+    policy = shapes_captioner(str(built))
+    data = ShapesImages("test", num_images=8)
+    images = [data.load_image(i) for i in data.ids()]
+    captions, _ = policy.caption(images, max_new_tokens=20, allowed_tokens=full_grammar(policy.tokenizer))
+    for caption in captions:
+        parsed = parse(caption)
+        assert parsed.grammatical, caption
+        assert all(o.colour and o.size for o in parsed.objects), caption
+
+
+def test_short_demo_writes_summary_and_report(built, tmp_path, capsys):
+    from vlrm_plugins.shapes_demo import SUMMARY_KEYS, main
+
+    out = tmp_path / "demo"
+    w = str(built)
+    assert main(["demo", "--config", str(ROOT / "configs" / "shapes" / "vlrm_rs.yaml"),
+                 f"--policy.init_args.weights={w}", f"--reward.terms.clip.reward.init_args.weights={w}",
+                 f"--demo.weights={w}", "--demo.test_images=40", "--trainer.max_steps=2",
+                 "--trainer.images_per_step=4", "--trainer.samples_per_image=2",
+                 "--trainer.progress=false", "--seed=3", f"--output_dir={out}"]) == 0
+    table = capsys.readouterr().out
+    assert "clip_recall/r1" in table and "baseline" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"baseline", "ceiling", "final", "oracle"}
+    for name, metrics in summary.items():
+        for key in SUMMARY_KEYS:
+            assert key in metrics, (name, key)
+    assert summary["oracle"]["caption/grammar_rate"] == 1.0
+    assert summary["oracle"]["caption/attribute_accuracy"] == 1.0
+    assert summary["oracle"]["caption/repetition_rate"] < 0.05 and summary["oracle"]["caption/bad_phrase_rate"] == 0
+    assert summary["ceiling"]["caption/grammar_rate"] == 1.0
+    assert summary["oracle"]["clip_recall/num_images"] == 40
+    assert (out / "report.html").is_file() and (out / "metrics.jsonl").is_file()
+    config = (out / "config.yaml").read_text()
+    assert "\nseed: 3\n" in config
