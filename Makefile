@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlrm-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo test test-fast clean
+.PHONY: setup system-deps demo smoke test test-fast clean
 
 $(STAMP): pyproject.toml examples/reward_plugin/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml examples/reward_plugin/pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/vlrm-shapes demo --config configs/shapes/vlrm_rs.yaml
+
+smoke: $(STAMP)
 	$(VENV)/bin/vlrm-run --config configs/tiny.yaml
 
 # Debian packages the tests use: Chromium renders report.html, Java runs the COCO metrics.

@@ -8,7 +8,7 @@ config (policy, reward terms, data, trainer) plus a ``demo`` section, and:
    full captions (``oracle``), on the world's test images;
 2. runs VLRM's A2C training;
 3. evaluates the tuned captioner (``final``);
-4. writes ``summary.json`` (the four, each a flat dict), ``report.html`` (images with the
+4. writes ``summary.json`` (the four, each a flat dict), ``captions.jsonl``, ``report.html`` (images with the
    captions before and after, training curves) and prints a before/after table.
 
 CLIP Recall is the judge's: a CLIP that shares no weights with the reward or the captioner.
@@ -124,6 +124,10 @@ def run_demo(policy: Any, reward: Any, data: Any, trainer_config: Any, output_di
     tmp = output_dir / ".summary.json.partial"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, output_dir / "summary.json")
+    lines = [json.dumps({"image_id": i, "reference": captions["oracle"].captions[k],
+                         **{name: captions[name].captions[k] for name in ("baseline", "final", "ceiling")}})
+             for k, i in enumerate(ids)]
+    (output_dir / "captions.jsonl").write_text("\n".join(lines) + "\n")
     gallery = [GalleryItem(image_id=i, image=test.load_image(i),
                            captions={name: captions[name].captions[k]
                                      for name in ("baseline", "final", "ceiling")},

@@ -76,5 +76,21 @@ def test_short_demo_writes_summary_and_report(built, tmp_path, capsys):
     assert summary["ceiling"]["caption/grammar_rate"] == 1.0
     assert summary["oracle"]["clip_recall/num_images"] == 40
     assert (out / "report.html").is_file() and (out / "metrics.jsonl").is_file()
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {"reference", "baseline", "final", "ceiling"} <= set(rows[0])
     config = (out / "config.yaml").read_text()
     assert "\nseed: 3\n" in config
+
+
+def test_the_shipped_world_loads_through_the_default_paths():
+    from vlrm_plugins.shapes_world import (WEIGHTS, ShapesImages, shapes_captioner, shapes_clip_recall,
+                                           shapes_reward_clip)
+
+    record = json.loads((WEIGHTS / "build.json").read_text())
+    assert record["seed"] == 0 and record["judge_clip"]["seed"] != record["reward_clip"]["seed"]
+    policy = shapes_captioner()
+    data = ShapesImages("test", num_images=4)
+    captions, _ = policy.caption([data.load_image(i) for i in data.ids()], max_new_tokens=20)
+    assert all(parse(c).grammatical for c in captions)   # the trained captioner speaks the grammar
+    assert shapes_reward_clip().context_length == 32
+    assert shapes_clip_recall().protocol["backbone"] == "shapes-judge-clip"
