@@ -9,7 +9,9 @@
    contrastively pretrained EVA-CLIP ViT;
 3. the captioner (``Blip2ForConditionalGeneration`` with a word-level tokenizer), trained with
    cross-entropy on the world's biased captions: it learns to name shapes and to leave
-   colours and sizes out, the shortcoming VLRM's RL is meant to fix.
+   colours and sizes out, the shortcoming VLRM's RL is meant to fix. Style conditioning
+   (``train_captioner``) makes its language model follow the image prefix's style, so the
+   Q-Former, all that RL trains, can steer it.
 
 Everything is written under ``out_dir`` in the formats the real loaders read (``local-dir:``
 open_clip folders, a transformers directory), with ``build.json`` recording the settings.
@@ -238,18 +240,39 @@ class _ParamScale(_ScaleView):
     __rmul__ = __mul__
 
 
+def caption_kinds(world: ShapesWorld, count: int) -> torch.Tensor:
+    """The style of each training image's biased caption: 0 shapes, 1 meta, 2 year, 3 full."""
+    return torch.tensor([world.caption_kind("train", i) for i in range(count)])
+
+
 def train_captioner(policy: Any, world: ShapesWorld, features: torch.Tensor, steps: int,
                     batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-                    progress: bool = True) -> dict[str, Any]:
-    """Cross-entropy on the biased captions, through the policy's own scoring path.
+                    style_dropout: float = 0.5, progress: bool = True) -> dict[str, Any]:
+    """Cross-entropy on the biased captions, the vision features fixed.
+
+    Style conditioning [ours]: on a random ``style_dropout`` share of each batch, a learned
+    vector of the caption's style (shapes only, meta-prefix, year, full) is added to the
+    projected queries; it is thrown away after training. The language model so learns to
+    read the caption's style from its image prefix, as a pretrained LLM reads it from its
+    context; without it, a tiny LM trained on coin-flip styles keeps the style in its own
+    weights and the Q-Former (all RL may train) cannot steer it. The captioner itself never
+    sees the style at inference: greedy captions stay as biased as the data.
 
     Args:
         policy: A ``Blip2OptPolicy`` whose trainable parts are everything but the vision encoder.
         features: Frozen vision features of the training images. Shape: (N, P, H).
+        style_dropout: Share of captions trained with their style vector; 0 = plain CE.
     """
-    from vlrm.structs import Rollout
-
+    if not 0.0 <= style_dropout <= 1.0:
+        raise ConfigError(f"captioner style_dropout must be in [0, 1], got {style_dropout}")
     tok = policy.tokenizer
+    lm = policy.model.language_model
+    q = policy.num_query_tokens
+    torch.manual_seed(seed)
+    style = nn.Embedding(4, policy.hidden_size)
+    nn.init.normal_(style.weight, 0.0, 0.5)
+    kinds = caption_kinds(world, len(features))
+    coin = torch.Generator().manual_seed(seed + 1)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         captions = [world.biased_caption("train", i) for i in idx.tolist()]
@@ -257,20 +280,27 @@ def train_captioner(policy: Any, world: ShapesWorld, features: torch.Tensor, ste
         width = max(map(len, ids))
         tokens = torch.tensor([row + [policy.pad_token_id] * (width - len(row)) for row in ids])
         mask = torch.tensor([[k < len(row) for k in range(width)] for row in ids])
-        rollout = Rollout(images=[None] * len(idx), image_ids=[str(i) for i in idx.tolist()],
-                          group=torch.arange(len(idx)), tokens=tokens, mask=mask,
-                          logprobs=torch.zeros(tokens.shape), captions=captions,
-                          policy_state=features[idx])
-        logprobs = policy.evaluate(rollout).logprobs
-        return -(logprobs * mask).sum() / mask.sum()
+        prefix = policy.prefix_embeds(features[idx])  # (B, Q + 1, H): queries, then BOS
+        on = (torch.rand(len(idx), generator=coin) < style_dropout).float()[:, None, None]
+        queries = prefix[:, :q] + style(kinds[idx])[:, None, :] * on
+        inputs = torch.cat([queries, prefix[:, q:], lm.get_input_embeddings()(tokens)], dim=1)
+        attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), mask.long()], dim=1)
+        hidden = lm.base_model(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
+        hidden = hidden[:, q:q + width]  # the BOS emits the first token
+        logp = torch.log_softmax(lm.get_output_embeddings()(hidden).float(), dim=-1)
+        logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return -(logp * mask).sum() / mask.sum()
 
-    return _optimise(batch_loss, list(policy.trainable_parameters()), len(features), steps,
-                     batch_size, lr, 0.01, seed, "captioner", progress)
+    params = list(policy.trainable_parameters()) + list(style.parameters())
+    fit = _optimise(batch_loss, params, len(features), steps, batch_size, lr, 0.01, seed,
+                    "captioner", progress)
+    return {**fit, "style_dropout": style_dropout}
 
 
 def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_images: int = 12000,
                 reward_clip_steps: int = 1500, judge_clip_steps: int = 1500,
                 vision_steps: int = 2000, captioner_steps: int = 3000,
+                captioner_style_dropout: float = 0.5,
                 progress: bool = True) -> dict[str, Any]:
     """Train every model of the shapes world and write them to ``out_dir``.
 
@@ -282,6 +312,8 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         judge_clip_steps: Contrastive steps of the judge CLIP.
         vision_steps: Contrastive steps of the captioner's vision encoder.
         captioner_steps: Cross-entropy steps of the captioner.
+        captioner_style_dropout: Share of captions trained with a style vector (see
+            ``train_captioner``).
         progress: Show progress bars.
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
@@ -319,10 +351,49 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         features = torch.cat([policy.model.vision_model(pixel_values=images[i:i + 256]).last_hidden_state
                               for i in range(0, len(images), 256)])
     record["captioner"] = train_captioner(policy, world, features, captioner_steps, seed=seed + 4,
+                                          style_dropout=captioner_style_dropout,
                                           progress=progress)
     with _quiet_transformers():
         model.save_pretrained(str(out / "captioner"))
         processor.save_pretrained(str(out / "captioner"))
     record["build_seconds"] = round(time.perf_counter() - start, 1)
     (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def continue_captioner(weights: str = "plugins/shapes_weights", steps: int = 1500, lr: float = 5e-4,
+                       seed: int = 12, style_dropout: float = 0.5, train_images: int = 12000,
+                       progress: bool = True) -> dict[str, Any]:
+    """More cross-entropy rounds for a built captioner, in place, recorded in ``build.json``.
+
+    The vision encoder stays frozen; everything else trains, as in ``build_world``.
+
+    Args:
+        weights: A built world (a folder with ``build.json`` and ``captioner/``).
+        steps: Cross-entropy steps of this round.
+        lr: Peak learning rate.
+        seed: Seed of the batches and the style vectors.
+        style_dropout: See ``train_captioner``.
+        train_images: Training images rendered (the build's first ones).
+        progress: Show a progress bar.
+    """
+    from vlrm_plugins.blip2_opt import _quiet_transformers, blip2_opt
+    from vlrm_plugins.shapes_world import weights_dir
+
+    folder = weights_dir(weights)
+    record = json.loads((folder / "build.json").read_text())
+    world = ShapesWorld(record["seed"])
+    policy = blip2_opt(str(folder / "captioner"), trainable=(
+        "qformer", "query_tokens", "language_projection", "language_model"), max_new_tokens=20)
+    images = pixels([world.image("train", i) for i in range(train_images)])
+    with torch.no_grad():
+        features = torch.cat([policy.model.vision_model(pixel_values=images[i:i + 256]).last_hidden_state
+                              for i in range(0, len(images), 256)])
+    fit = train_captioner(policy, world, features, steps, lr=lr, seed=seed,
+                          style_dropout=style_dropout, progress=progress)
+    with _quiet_transformers():
+        policy.model.save_pretrained(str(folder / "captioner"))
+    record.setdefault("captioner_rounds", []).append(
+        {**fit, "lr": lr, "seed": seed, "train_images": train_images})
+    (folder / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -184,21 +184,25 @@ def demo_main(argv: list[str]) -> int:
     return 0
 
 
-def build_main(argv: list[str]) -> int:
+def build_main(argv: list[str], command: str = "build") -> int:
     from jsonargparse import ActionConfigFile
 
     from vlrm.cli import EXIT_CONFIG, _config_files, new_parser
-    from vlrm_plugins.shapes_build import build_world
+    from vlrm_plugins.shapes_build import build_world, continue_captioner
 
-    parser = new_parser("vlrm-shapes build", "Train the shapes world's models from scratch.")
+    function, about = {
+        "build": (build_world, "Train the shapes world's models from scratch."),
+        "continue": (continue_captioner, "More cross-entropy rounds for a built captioner."),
+    }[command]
+    parser = new_parser(f"vlrm-shapes {command}", about)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
-    parser.add_function_arguments(build_world)
+    parser.add_function_arguments(function)
     parser.config_files = _config_files(argv)
     cfg = parser.parse_args(argv)
     try:
         args = cfg.as_dict()
         args.pop("config", None)
-        record = build_world(**args)
+        record = function(**args)
     except ConfigError as exc:
         sys.stderr.write(f"vlrm-shapes: error: {exc}\n")
         return EXIT_CONFIG
@@ -208,10 +212,12 @@ def build_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"build": build_main, "demo": demo_main}
+    commands = {"build": build_main, "demo": demo_main,
+                "continue": lambda args: build_main(args, "continue")}
     if not argv or argv[0] not in commands:
-        sys.stderr.write("usage: vlrm-shapes {build,demo} --config FILE [overrides]\n"
+        sys.stderr.write("usage: vlrm-shapes {build,continue,demo} --config FILE [overrides]\n"
                          "  build  train the world's models from scratch (configs/shapes/build.yaml)\n"
+                         "  continue  more cross-entropy rounds for a built captioner\n"
                          "  demo   baseline -> VLRM RL -> final, with summary.json and report.html\n"
                          "         (configs/shapes/vlrm_rs.yaml)\n")
         return 2

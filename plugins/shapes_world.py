@@ -216,11 +216,15 @@ class ShapesWorld:
     def full_caption(self, split: str, index: int) -> str:
         return describe(self.scene(split, index))
 
+    def caption_kind(self, split: str, index: int) -> int:
+        """The style of the image's biased caption: 0 shapes only, 1 meta-prefix, 2 year, 3 full."""
+        return int(self._rng(split, index, 1).choice(4, p=self.mix))
+
     def biased_caption(self, split: str, index: int) -> str:
         """A training caption drawn with the world's bias (deterministic per image)."""
         rng = self._rng(split, index, 1)
         scene = self.scene(split, index)
-        kind = int(rng.choice(4, p=self.mix))
+        kind = int(rng.choice(4, p=self.mix))  # == caption_kind: the same stream, same draw
         if kind == 3:
             return describe(scene)
         shapes = describe(scene, colour=False, size=False)

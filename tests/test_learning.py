@@ -49,3 +49,39 @@ def test_a2c_raises_the_reward_through_the_qformer(tiny_policy_factory, tmp_path
                if not torch.equal(p, before[n])}
     assert changed == {"qformer", "query_tokens", "language_projection"}
     assert trainer.value_head.net[-1].weight.abs().sum() > 0  # the critic trained too
+
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_the_value_loss_reaches_the_policy_only_without_value_detach(tiny_policy_factory, tmp_path,
+                                                                      detach):
+    from vlrm_plugins.bundled_photos import bundled_photos
+
+    policy = tiny_policy_factory(seed=0, max_new_tokens=4)
+    data = bundled_photos()
+    config = TrainerConfig(max_steps=1, images_per_step=2, samples_per_image=2,
+                           value_detach=detach, save_every=0, progress=False)
+    trainer = Trainer(policy, PayForToken(0), data, config, tmp_path)
+    torch.nn.init.normal_(trainer.value_head.net[-1].weight)
+    ids, images = zip(*next(trainer._batches()))
+    rollout = policy.sample(images, ids, 2)
+    trainer.values(policy.evaluate(rollout)).pow(2).sum().backward()
+    reached = any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
+    assert reached is not detach
+    assert trainer.value_head.net[0].weight.grad.abs().sum() > 0  # the critic learns either way
+
+
+def test_a_step_logs_policy_and_value_gradient_norms_apart(tiny_policy_factory, tmp_path):
+    from vlrm_plugins.bundled_photos import bundled_photos
+
+    policy = tiny_policy_factory(seed=0, max_new_tokens=4)
+    config = TrainerConfig(max_steps=1, images_per_step=2, samples_per_image=2, save_every=0,
+                           progress=False, max_grad_norm=1e-3)
+    trainer = Trainer(policy, PayForToken(0), bundled_photos(), config, tmp_path)
+    torch.nn.init.normal_(trainer.value_head.net[-1].weight)
+    metrics = trainer.train_step(next(trainer._batches()))
+    assert metrics["grad/value_norm"] > 0 and metrics["grad/policy_norm"] > 0
+    # Each group is clipped to max_grad_norm on its own (norms are measured before clipping).
+    for params in (list(policy.trainable_parameters()), list(trainer.value_head.parameters())):
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None))
+        assert norm <= 1e-3 * 1.01

@@ -94,3 +94,33 @@ def test_the_shipped_world_loads_through_the_default_paths():
     assert all(parse(c).grammatical for c in captions)   # the trained captioner speaks the grammar
     assert shapes_reward_clip().context_length == 32
     assert shapes_clip_recall().protocol["backbone"] == "shapes-judge-clip"
+
+
+def test_caption_kind_is_the_style_of_the_biased_caption():
+    from vlrm_plugins.shapes_world import ShapesWorld
+
+    world = ShapesWorld(0)
+    for i in range(200):
+        caption, kind = world.biased_caption("train", i), world.caption_kind("train", i)
+        parsed = parse(caption)
+        assert parsed.meta == (kind == 1) and parsed.year == (kind == 2), (caption, kind)
+        assert all(o.colour for o in parsed.objects) == (kind == 3), (caption, kind)
+
+
+def test_continue_captioner_trains_in_place_and_records_the_round(built, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vlrm_plugins.shapes_build import continue_captioner
+
+    world = tmp_path / "world"
+    shutil.copytree(built, world)
+    before = load_file(str(world / "captioner" / "model.safetensors"))
+    record = continue_captioner(str(world), steps=3, train_images=64, progress=False)
+    after = load_file(str(world / "captioner" / "model.safetensors"))
+    assert record["captioner_rounds"][-1]["steps"] == 3
+    assert json.loads((world / "build.json").read_text())["captioner_rounds"] == record["captioner_rounds"]
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert "vision_model" not in changed and {"qformer", "language_model"} <= changed

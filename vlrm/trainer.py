@@ -39,6 +39,8 @@ class TrainerConfig:
         ent_coef: Entropy-bonus weight c_e [ours: 0].
         gamma: Discount of the per-token returns [paper: 1].
         whiten_advantages: Normalise advantages over each batch [ours: off].
+        value_detach: Train the value head on detached hidden states, so the value loss
+            never moves the policy [ours: on; off = a shared trunk, as in TRL's value head].
         value_hidden: Width H' of the value head's hidden layer [ours: 256].
         save_every: Write a checkpoint every this many steps (and at the end); 0 = only at the end.
         keep_last: Keep only this many newest checkpoints; 0 = keep all.
@@ -58,6 +60,7 @@ class TrainerConfig:
     ent_coef: float = 0.0
     gamma: float = 1.0
     whiten_advantages: bool = False
+    value_detach: bool = True
     value_hidden: int = 256
     save_every: int = 100
     keep_last: int = 3
@@ -110,14 +113,15 @@ class Trainer:
         returns = rl.discounted_returns(token_rewards.to(mask.device), mask, cfg.gamma)
 
         out = self.policy.evaluate(rollout)
-        values = self.value_head(out.hidden)
+        values = self.values(out)
         advantages = rl.advantages(returns, values, mask, cfg.whiten_advantages)
         loss, stats = rl.a2c_loss(out.logprobs, values, out.entropy, returns, advantages, mask,
                                   cfg.vf_coef, cfg.ent_coef)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.policy_params + list(self.value_head.parameters()), cfg.max_grad_norm)
+        # Clipped apart: the value loss (squared returns) must not shrink the policy's step.
+        policy_norm = torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.max_grad_norm)
+        value_norm = torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
 
@@ -125,11 +129,17 @@ class Trainer:
         metrics.update({f"reward/{k}": v for k, v in rewards.metrics.items()})
         metrics.setdefault("reward/total", token_rewards.sum(1).mean().item())
         metrics["return/mean"] = rl.masked_mean(returns, mask).item()
-        metrics["grad/norm"] = grad_norm.item()
+        metrics["grad/policy_norm"] = policy_norm.item()
+        metrics["grad/value_norm"] = value_norm.item()
         metrics["caption/length"] = sum(len(c.split()) for c in rollout.captions) / len(rollout.captions)
         metrics["caption/tokens"] = rollout.lengths.float().mean().item()
         metrics["lr/policy"] = self.optimizer.param_groups[0]["lr"]
         return metrics
+
+    def values(self, out: Any) -> torch.Tensor:
+        """V(s_k) of a scored rollout. Shape: (B, T); with ``value_detach`` no gradient reaches
+        the policy through it."""
+        return self.value_head(out.hidden.detach() if self.config.value_detach else out.hidden)
 
     def _batches(self) -> Iterator[list[tuple[str, Any]]]:
         return self.data.batches(self.config.images_per_step, seed=self.config.seed)
