@@ -332,7 +332,8 @@ class Blip2OptPolicy(nn.Module):
         """log p(t_k | BOS, t_<k) under the language model alone, without the image.
 
         While OPT is frozen this is the paper's reference LM (the same OPT), so the
-        reference term needs no second copy of it.
+        reference term needs no second copy of it. When OPT trains, the reference LM is the
+        initial OPT: the snapshot taken by ``snapshot_reference`` (which then holds OPT too).
 
         Args:
             tokens: Shape: (B, T).
@@ -341,16 +342,21 @@ class Blip2OptPolicy(nn.Module):
         Returns:
             Shape: (B, T), zero on padding, no gradient.
         """
-        if "language_model" in self.trainable:
-            raise ConfigError("the policy's language model trains, so it is no longer the "
-                              "reference LM: give ReferenceLMReward its own `model`")
         lm = self.model.language_model
         tokens, mask = tokens.to(self.device), mask.to(self.device)
         bos = torch.full((tokens.shape[0], 1), self.bos_token_id, device=self.device)
         inputs = torch.cat([bos, tokens], dim=1)
         attention = torch.cat([torch.ones_like(bos), mask.long()], dim=1)
-        # With LoRA the frozen OPT under the adapters is still the paper's reference LM.
-        with torch.no_grad(), self.adapters_disabled():
+        if "language_model" in self.trainable:
+            if self._reference is None:
+                raise ConfigError("the policy's language model trains, so it is no longer the "
+                                  "reference LM and no reference snapshot was taken: bind the "
+                                  "reward with bind_policy (it snapshots the initial policy) or "
+                                  "give ReferenceLMReward its own `model`")
+            frozen_lm = self.reference()
+        else:  # with LoRA the frozen OPT under the adapters is still the paper's reference LM
+            frozen_lm = self.adapters_disabled()
+        with torch.no_grad(), frozen_lm:
             logits = lm(input_ids=inputs, attention_mask=attention).logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return logp * mask

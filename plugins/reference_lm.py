@@ -46,8 +46,14 @@ class ReferenceLMReward:
                 param.requires_grad_(False)
 
     def bind_policy(self, policy: Any) -> None:
-        """Called by the trainer: with no model of its own, score with the policy's LM."""
+        """Called by the trainer: with no model of its own, score with the policy's LM.
+
+        If the policy's LM trains, the initial policy is snapshotted now (before any update)
+        and its LM is the reference.
+        """
         self.policy = policy
+        if self.lm is None and "language_model" in getattr(policy, "trainable", ()):
+            policy.snapshot_reference()
 
     def _own_lm_logprobs(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(captions, return_tensors="pt", padding=True)

@@ -184,6 +184,83 @@ def demo_main(argv: list[str]) -> int:
     return 0
 
 
+# Each ablation is a list of command-line overrides of the demo config.
+ABLATIONS: dict[str, list[str]] = {
+    "no_bad": ["--reward.terms.bad.weight=0"],
+    "no_repeat": ["--reward.terms.repeat.weight=0"],
+    "no_ref": ["--reward.terms.ref.weight=0"],
+    "opt_unfrozen": ["--policy.init_args.trainable=[qformer,query_tokens,language_projection,"
+                     "language_model]"],
+}
+SWEEP_KEYS = ("clip_recall/r1", "reward_clip/r1", "caption/colour_words", "caption/length",
+              "caption/grammar_rate", "caption/attribute_accuracy", "caption/invented_objects",
+              "caption/bad_phrase_rate", "caption/repetition_rate")
+
+
+def sweep_variants(seeds: Sequence[int], ablations: Sequence[str]) -> dict[str, list[str]]:
+    """Run name -> overrides: one run per seed, then each ablation at the first seed."""
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"unknown ablation(s) {unknown}; known: {', '.join(ABLATIONS)}")
+    runs = {f"seed{s}": [f"--seed={s}"] for s in seeds}
+    runs.update({a: [f"--seed={seeds[0]}", *ABLATIONS[a]] for a in ablations})
+    return runs
+
+
+def sweep_table(results: dict[str, dict[str, Any]], keys: Sequence[str] = SWEEP_KEYS) -> str:
+    """A markdown table of each run's final metrics, with the seeds' mean and spread.
+
+    Args:
+        results: Run name -> that run's summary.json (baseline, final, ceiling, oracle).
+    """
+    import statistics
+
+    header = "| run | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    rows = [f"| {name} | " + " | ".join(f"{r['final'][k]:.3f}" for k in keys) + " |"
+            for name, r in results.items()]
+    seeds = [r for name, r in results.items() if name.startswith("seed")]
+    if len(seeds) > 1:
+        cells = [f"{statistics.mean(r['final'][k] for r in seeds):.3f} ± "
+                 f"{statistics.stdev(r['final'][k] for r in seeds):.3f}" for k in keys]
+        rows.append(f"| seeds: mean ± sd | " + " | ".join(cells) + " |")
+    first = next(iter(results.values()))
+    for ref in ("baseline", "ceiling"):
+        rows.append(f"| ({ref}) | " + " | ".join(f"{first[ref][k]:.3f}" for k in keys) + " |")
+    return header + "\n".join(rows) + "\n"
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``vlrm-shapes sweep --config C [--seeds 0 1 2] [--ablations ...] --output_dir D [overrides]``."""
+    import argparse
+
+    from vlrm.cli import EXIT_CONFIG
+
+    parser = argparse.ArgumentParser(prog="vlrm-shapes sweep", description=(
+        "Run the demo once per seed and once per ablation; write sweep.json and sweep.md."))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS),
+                        help=f"from: {', '.join(ABLATIONS)}")
+    parser.add_argument("--output_dir", default="runs/shapes_sweep")
+    args, demo_args = parser.parse_known_args(argv)
+    try:
+        runs = sweep_variants(args.seeds, args.ablations)
+    except ConfigError as exc:
+        sys.stderr.write(f"vlrm-shapes: error: {exc}\n")
+        return EXIT_CONFIG
+    out = Path(args.output_dir)
+    results: dict[str, dict[str, Any]] = {}
+    for name, overrides in runs.items():
+        sys.stderr.write(f"vlrm-shapes sweep: run {name} ({' '.join(overrides)})\n")
+        code = demo_main([*demo_args, *overrides, f"--output_dir={out / name}"])
+        if code != 0:
+            return code
+        results[name] = json.loads((out / name / "summary.json").read_text())
+        (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "sweep.md").write_text(sweep_table(results))
+    print(sweep_table(results))
+    return 0
+
+
 def build_main(argv: list[str], command: str = "build") -> int:
     from jsonargparse import ActionConfigFile
 
@@ -212,14 +289,15 @@ def build_main(argv: list[str], command: str = "build") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"build": build_main, "demo": demo_main,
+    commands = {"build": build_main, "demo": demo_main, "sweep": sweep_main,
                 "continue": lambda args: build_main(args, "continue")}
     if not argv or argv[0] not in commands:
-        sys.stderr.write("usage: vlrm-shapes {build,continue,demo} --config FILE [overrides]\n"
+        sys.stderr.write("usage: vlrm-shapes {build,continue,demo,sweep} --config FILE [overrides]\n"
                          "  build  train the world's models from scratch (configs/shapes/build.yaml)\n"
                          "  continue  more cross-entropy rounds for a built captioner\n"
                          "  demo   baseline -> VLRM RL -> final, with summary.json and report.html\n"
-                         "         (configs/shapes/vlrm_rs.yaml)\n")
+                         "         (configs/shapes/vlrm_rs.yaml)\n"
+                         "  sweep  the demo for several seeds and each ablation: sweep.md\n")
         return 2
     return commands[argv[0]](argv[1:])
 

@@ -124,3 +124,41 @@ def test_continue_captioner_trains_in_place_and_records_the_round(built, tmp_pat
     assert json.loads((world / "build.json").read_text())["captioner_rounds"] == record["captioner_rounds"]
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert "vision_model" not in changed and {"qformer", "language_model"} <= changed
+
+
+def test_sweep_runs_each_seed_and_ablation_and_tabulates_them(built, tmp_path, capsys):
+    from vlrm_plugins.shapes_demo import main
+
+    out = tmp_path / "sweep"
+    w = str(built)
+    assert main(["sweep", "--seeds", "0", "1", "--ablations", "no_ref", "opt_unfrozen",
+                 f"--output_dir={out}",
+                 "--config", str(ROOT / "configs" / "shapes" / "vlrm_rs.yaml"),
+                 f"--policy.init_args.weights={w}", f"--reward.terms.clip.reward.init_args.weights={w}",
+                 f"--demo.weights={w}", "--demo.test_images=20", "--trainer.max_steps=2",
+                 "--trainer.images_per_step=2", "--trainer.samples_per_image=2",
+                 "--trainer.progress=false"]) == 0
+    results = json.loads((out / "sweep.json").read_text())
+    assert list(results) == ["seed0", "seed1", "no_ref", "opt_unfrozen"]
+    table = (out / "sweep.md").read_text()
+    assert "| seeds: mean ± sd |" in table and "| opt_unfrozen |" in table
+    assert "\nseed: 1\n" in (out / "seed1" / "config.yaml").read_text()
+    assert "weight: 0.0" in (out / "no_ref" / "config.yaml").read_text()
+    # OPT trained in the unfrozen run only: its saved LM differs from the captioner's
+    import torch
+    from safetensors.torch import load_file
+
+    base = load_file(str(built / "captioner" / "model.safetensors"))
+
+    def lm_changed(run):
+        saved = load_file(str(next((out / run / "checkpoints").glob("*/policy/model.safetensors"))))
+        return any(not torch.equal(saved[k], base[k]) for k in base if k.startswith("language_model"))
+
+    assert lm_changed("opt_unfrozen") and not lm_changed("seed0")
+
+
+def test_sweep_rejects_an_unknown_ablation(capsys):
+    from vlrm_plugins.shapes_demo import main
+
+    assert main(["sweep", "--ablations", "no_such", "--config", "x.yaml"]) != 0
+    assert "no_such" in capsys.readouterr().err

@@ -65,7 +65,23 @@ def test_unbound_and_trainable_lm_are_config_errors(tiny_policy_factory, rollout
     with pytest.raises(ConfigError, match="bind_policy"):
         ReferenceLMReward()(rollout)
     trains_lm = tiny_policy_factory(trainable=("qformer", "language_model"))
-    reward = ReferenceLMReward()
-    reward.bind_policy(trains_lm)
     with pytest.raises(ConfigError, match="no longer the reference"):
-        reward(rollout)
+        trains_lm.text_logprobs(rollout.tokens, rollout.mask)  # no snapshot: an error
+
+
+def test_a_trainable_lm_is_scored_by_its_initial_snapshot(tiny_policy_factory, rollout):
+    trains_lm = tiny_policy_factory(trainable=("qformer", "language_model"))
+    untouched = tiny_policy_factory(trainable=("qformer", "language_model"))
+    reward = ReferenceLMReward()
+    reward.bind_policy(trains_lm)  # snapshots the initial policy, OPT included
+    before = reward(rollout).sequence
+    with torch.no_grad():
+        for p in trains_lm.model.language_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    live = trains_lm.model.language_model.get_input_embeddings().weight
+    assert not torch.allclose(live, untouched.model.language_model.get_input_embeddings().weight)
+    after = reward(rollout).sequence  # the live LM has moved, the reference has not
+    assert torch.allclose(before, after, atol=1e-5)
+    fresh = ReferenceLMReward()
+    fresh.bind_policy(untouched)
+    assert torch.allclose(after, fresh(rollout).sequence, atol=1e-5)
