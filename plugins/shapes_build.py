@@ -300,7 +300,7 @@ def train_captioner(policy: Any, world: ShapesWorld, features: torch.Tensor, ste
 def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_images: int = 12000,
                 reward_clip_steps: int = 1500, judge_clip_steps: int = 1500,
                 vision_steps: int = 2000, captioner_steps: int = 3000,
-                captioner_style_dropout: float = 0.5,
+                captioner_style_dropout: float = 0.5, itm_steps: int = 1500,
                 progress: bool = True) -> dict[str, Any]:
     """Train every model of the shapes world and write them to ``out_dir``.
 
@@ -314,6 +314,7 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         captioner_steps: Cross-entropy steps of the captioner.
         captioner_style_dropout: Share of captions trained with a style vector (see
             ``train_captioner``).
+        itm_steps: Steps of the ITM reward model (``shapes_itm.build_itm``); 0 = none.
         progress: Show progress bars.
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
@@ -358,6 +359,12 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         processor.save_pretrained(str(out / "captioner"))
     record["build_seconds"] = round(time.perf_counter() - start, 1)
     (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    if itm_steps:  # 4. the ITM reward model, on the captioner's frozen vision encoder
+        from vlrm_plugins.shapes_itm import build_itm
+
+        held_out = min(500, train_images)
+        record = build_itm(str(out), steps=itm_steps, seed=seed + 5, train_images=train_images,
+                           progress=progress, eval_images=held_out, recall_images=held_out)
     return record
 
 

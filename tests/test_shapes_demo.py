@@ -16,8 +16,8 @@ def built(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("world")
     record = build_world(str(out), train_images=256, reward_clip_steps=20, judge_clip_steps=20,
-                         vision_steps=20, captioner_steps=40, progress=False)
-    assert record["captioner"]["steps"] == 40
+                         vision_steps=20, captioner_steps=40, itm_steps=5, progress=False)
+    assert record["captioner"]["steps"] == 40 and record["itm"]["steps"] == 5
     return out
 
 
