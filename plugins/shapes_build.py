@@ -67,6 +67,13 @@ def pixels(images: Sequence[Any]) -> torch.Tensor:
     return (array.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
 
 
+def vision_features(vision: Any, images: torch.Tensor) -> torch.Tensor:
+    """Frozen vision features of ``pixels`` images, 256 at a time. Shape: (N, P, H)."""
+    with torch.no_grad():
+        return torch.cat([vision(pixel_values=images[i:i + 256]).last_hidden_state
+                          for i in range(0, len(images), 256)])
+
+
 def _bar(total: int, desc: str, progress: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -348,9 +355,7 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
     policy = Blip2OptPolicy(model, processor, trainable=("qformer", "query_tokens",
                                                          "language_projection", "language_model"),
                             max_new_tokens=20)
-    with torch.no_grad():
-        features = torch.cat([policy.model.vision_model(pixel_values=images[i:i + 256]).last_hidden_state
-                              for i in range(0, len(images), 256)])
+    features = vision_features(policy.model.vision_model, images)
     record["captioner"] = train_captioner(policy, world, features, captioner_steps, seed=seed + 4,
                                           style_dropout=captioner_style_dropout,
                                           progress=progress)
@@ -393,9 +398,7 @@ def continue_captioner(weights: str = "plugins/shapes_weights", steps: int = 150
     policy = blip2_opt(str(folder / "captioner"), trainable=(
         "qformer", "query_tokens", "language_projection", "language_model"), max_new_tokens=20)
     images = pixels([world.image("train", i) for i in range(train_images)])
-    with torch.no_grad():
-        features = torch.cat([policy.model.vision_model(pixel_values=images[i:i + 256]).last_hidden_state
-                              for i in range(0, len(images), 256)])
+    features = vision_features(policy.model.vision_model, images)
     fit = train_captioner(policy, world, features, steps, lr=lr, seed=seed,
                           style_dropout=style_dropout, progress=progress)
     with _quiet_transformers():

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
 from vlrm_plugins.blip2_itm_reward import Blip2ItmReward, blip2_itm_reward
-from vlrm_plugins.shapes_build import _optimise, captioner_config, pixels, word_tokenizer
+from vlrm_plugins.shapes_build import (_optimise, captioner_config, pixels, vision_features,
+                                       word_tokenizer)
 from vlrm_plugins.shapes_world import (COLOURS, SHAPES, SIZES, ShapesWorld, Thing, describe, parse,
                                        weights_dir)
 
@@ -125,13 +126,6 @@ def _other_caption(world: ShapesWorld, scene: Sequence[Thing], caption: str, col
             return other
         j = (j + 1) % num_images
     return describe(_perturb(scene, rng, colour, size), colour, size)  # all alike: a hard one
-
-
-def _features(vision: Any, images: torch.Tensor) -> torch.Tensor:
-    """Frozen vision features. Shape: (N, P, H)."""
-    with torch.no_grad():
-        return torch.cat([vision(pixel_values=images[i:i + 256]).last_hidden_state
-                          for i in range(0, len(images), 256)])
 
 
 @torch.no_grad()
@@ -251,7 +245,7 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
                                   f"{keys.unexpected_keys[:3]}")
             model.query_tokens.copy_(init_qformer.query_tokens)
     model.vision_model.load_state_dict(vision_state)
-    features = _features(model.vision_model.eval(), images)
+    features = vision_features(model.vision_model.eval(), images)
     reward = Blip2ItmReward(model, processor)  # freezes every parameter and sets eval mode
     params = [p for name, p in model.named_parameters()
               if name.split(".")[0] in ("qformer", "embeddings", "query_tokens", "itm_head")]
@@ -286,7 +280,7 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
                               "num_query_tokens": num_query_tokens, "train_images": len(images)}
     if eval_images > 0:
         test = pixels([world.image("test", i) for i in range(eval_images)])
-        record.update(evaluate_itm(reward, world, _features(model.vision_model, test), "test",
+        record.update(evaluate_itm(reward, world, vision_features(model.vision_model, test), "test",
                                    recall_images=recall_images, seed=seed))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -216,15 +216,19 @@ class ShapesWorld:
     def full_caption(self, split: str, index: int) -> str:
         return describe(self.scene(split, index))
 
+    def _caption_draw(self, split: str, index: int) -> tuple[int, np.random.Generator]:
+        """The biased caption's style and the stream that draws the rest of it."""
+        rng = self._rng(split, index, 1)
+        return int(rng.choice(4, p=self.mix)), rng
+
     def caption_kind(self, split: str, index: int) -> int:
         """The style of the image's biased caption: 0 shapes only, 1 meta-prefix, 2 year, 3 full."""
-        return int(self._rng(split, index, 1).choice(4, p=self.mix))
+        return self._caption_draw(split, index)[0]
 
     def biased_caption(self, split: str, index: int) -> str:
         """A training caption drawn with the world's bias (deterministic per image)."""
-        rng = self._rng(split, index, 1)
+        kind, rng = self._caption_draw(split, index)
         scene = self.scene(split, index)
-        kind = int(rng.choice(4, p=self.mix))  # == caption_kind: the same stream, same draw
         if kind == 3:
             return describe(scene)
         shapes = describe(scene, colour=False, size=False)
