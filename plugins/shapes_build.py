@@ -1,6 +1,6 @@
 """Build the shapes world's models from scratch on a CPU, with vlrm's own model classes.
 
-``build_world`` trains, in order:
+``build_world`` trains (stage 1 in a second process beside stages 2 and 3, by default):
 
 1. the reward CLIP and the judge CLIP (open_clip ``CLIP``; different seeds and sizes, no
    shared weights; trained contrastively on true captions, 70% full and 30% partial);
@@ -11,7 +11,8 @@
    cross-entropy on the world's biased captions: it learns to name shapes and to leave
    colours and sizes out, the shortcoming VLRM's RL is meant to fix. Style conditioning
    (``train_captioner``) makes its language model follow the image prefix's style, so the
-   Q-Former, all that RL trains, can steer it.
+   Q-Former, all that RL trains, can steer it;
+4. the ITM reward model (``shapes_itm.build_itm``) on the captioner's frozen vision encoder.
 
 Everything is written under ``out_dir`` in the formats the real loaders read (``local-dir:``
 open_clip folders, a transformers directory), with ``build.json`` recording the settings.
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +77,14 @@ def vision_features(vision: Any, images: torch.Tensor) -> torch.Tensor:
                           for i in range(0, len(images), 256)])
 
 
+_BAR_LINE = 0  # the terminal line of this process's progress bars (the CLIP worker's: 1)
+
+
 def _bar(total: int, desc: str, progress: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True,
+                position=_BAR_LINE)
 
 
 def _info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -304,11 +311,44 @@ def train_captioner(policy: Any, world: ShapesWorld, features: torch.Tensor, ste
     return {**fit, "style_dropout": style_dropout}
 
 
+def train_world_clips(seed: int, train_images: int, out_dir: str, reward_clip_steps: int,
+                      judge_clip_steps: int, progress: bool = True, threads: int = 0,
+                      bar_line: int = 0) -> dict[str, Any]:
+    """Stage 1 of the build: the reward CLIP and the judge CLIP (different seeds and sizes).
+
+    ``build_world`` runs it in a worker process beside the captioner's stages, so it renders
+    its own copy of the training images.
+
+    Args:
+        seed: The world's seed (the CLIPs use seed + 1 and seed + 2).
+        train_images: Training images rendered.
+        out_dir: Receives ``reward_clip/`` and ``judge_clip/``.
+        reward_clip_steps: Contrastive steps of the reward CLIP.
+        judge_clip_steps: Contrastive steps of the judge CLIP.
+        progress: Show progress bars.
+        threads: Torch threads of this process (0 = leave as is).
+        bar_line: Terminal line of the progress bars.
+    """
+    global _BAR_LINE
+    if threads:
+        torch.set_num_threads(threads)
+    _BAR_LINE = bar_line
+    world = ShapesWorld(seed)
+    images = pixels([world.image("train", i) for i in range(train_images)])
+    out = Path(out_dir)
+    return {"reward_clip": train_clip(world, images, out / "reward_clip", seed + 1, width=64,
+                                      layers=2, steps=reward_clip_steps, progress=progress,
+                                      desc="reward clip"),
+            "judge_clip": train_clip(world, images, out / "judge_clip", seed + 2, width=96,
+                                     layers=3, steps=judge_clip_steps, progress=progress,
+                                     desc="judge clip")}
+
+
 def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_images: int = 12000,
                 reward_clip_steps: int = 1500, judge_clip_steps: int = 1500,
                 vision_steps: int = 2000, captioner_steps: int = 3000,
                 captioner_style_dropout: float = 0.5, itm_steps: int = 1500,
-                progress: bool = True) -> dict[str, Any]:
+                workers: int = 2, progress: bool = True) -> dict[str, Any]:
     """Train every model of the shapes world and write them to ``out_dir``.
 
     Args:
@@ -322,25 +362,61 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         captioner_style_dropout: Share of captions trained with a style vector (see
             ``train_captioner``).
         itm_steps: Steps of the ITM reward model (``shapes_itm.build_itm``); 0 = none.
+        workers: 2 trains the two CLIPs in a second process beside the captioner's vision
+            encoder and captioner, one torch thread each; 1 runs every stage in turn [ours: 2,
+            for a 2-core CPU; the stages share nothing, so the models are the same either way
+            up to floating-point summation order].
         progress: Show progress bars.
     """
+    if train_images < 64:
+        raise ConfigError(f"shapes build train_images must be >= 64, got {train_images}")
+    if workers not in (1, 2):
+        raise ConfigError(f"shapes build workers must be 1 or 2, got {workers}")
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"seed": seed, "train_images": train_images, "shapes": list(SHAPES),
+                              "workers": workers}
+    # 1. the two CLIPs: different seeds and sizes, nothing shared (beside stages 2-3 if workers=2)
+    clip_args = (seed, train_images, str(out), reward_clip_steps, judge_clip_steps, progress)
+    threads = torch.get_num_threads()
+    pool = clips = None
+    if workers == 2:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        clips = pool.submit(train_world_clips, *clip_args, threads=1, bar_line=1)
+        torch.set_num_threads(1)
+    else:
+        record.update(train_world_clips(*clip_args))
+    try:
+        _build_captioner(record, out, seed, train_images, vision_steps, captioner_steps,
+                         captioner_style_dropout, progress)
+        if clips is not None:
+            record.update(clips.result())
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    record["build_seconds"] = round(time.perf_counter() - start, 1)
+    (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    if itm_steps:  # 4. the ITM reward model, on the captioner's frozen vision encoder
+        from vlrm_plugins.shapes_itm import build_itm
+
+        held_out = min(500, train_images)
+        record = build_itm(str(out), steps=itm_steps, seed=seed + 5, train_images=train_images,
+                           progress=progress, eval_images=held_out, recall_images=held_out)
+    return record
+
+
+def _build_captioner(record: dict[str, Any], out: Path, seed: int, train_images: int,
+                     vision_steps: int, captioner_steps: int, style_dropout: float,
+                     progress: bool) -> None:
+    """Stages 2 and 3 of the build: the captioner's vision encoder, then the captioner."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     from vlrm_plugins.blip2_opt import Blip2OptPolicy, _quiet_transformers
 
-    if train_images < 64:
-        raise ConfigError(f"shapes build train_images must be >= 64, got {train_images}")
-    start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(seed)
     images = pixels([world.image("train", i) for i in range(train_images)])
-    record: dict[str, Any] = {"seed": seed, "train_images": train_images, "shapes": list(SHAPES)}
-    # 1. the two CLIPs: different seeds and sizes, nothing shared
-    record["reward_clip"] = train_clip(world, images, out / "reward_clip", seed + 1, width=64, layers=2,
-                                       steps=reward_clip_steps, progress=progress, desc="reward clip")
-    record["judge_clip"] = train_clip(world, images, out / "judge_clip", seed + 2, width=96, layers=3,
-                                      steps=judge_clip_steps, progress=progress, desc="judge clip")
     # 2. the captioner's vision encoder, pretrained contrastively, then frozen
     tokenizer = word_tokenizer(world)
     processor = Blip2Processor(BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer,
@@ -357,20 +433,10 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
                             max_new_tokens=20)
     features = vision_features(policy.model.vision_model, images)
     record["captioner"] = train_captioner(policy, world, features, captioner_steps, seed=seed + 4,
-                                          style_dropout=captioner_style_dropout,
-                                          progress=progress)
+                                          style_dropout=style_dropout, progress=progress)
     with _quiet_transformers():
         model.save_pretrained(str(out / "captioner"))
         processor.save_pretrained(str(out / "captioner"))
-    record["build_seconds"] = round(time.perf_counter() - start, 1)
-    (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
-    if itm_steps:  # 4. the ITM reward model, on the captioner's frozen vision encoder
-        from vlrm_plugins.shapes_itm import build_itm
-
-        held_out = min(500, train_images)
-        record = build_itm(str(out), steps=itm_steps, seed=seed + 5, train_images=train_images,
-                           progress=progress, eval_images=held_out, recall_images=held_out)
-    return record
 
 
 def continue_captioner(weights: str = "plugins/shapes_weights", steps: int = 1500, lr: float = 5e-4,
