@@ -144,7 +144,10 @@ def evaluate_itm(reward: Blip2ItmReward, world: ShapesWorld, features: torch.Ten
     Returns:
         ``hard_negative_accuracy``: share of images whose true full caption's match logit
         exceeds its hard negative's; ``partial_hard_negative_accuracy``: the same for the
-        image's partial caption against a hard negative stated alike; ``random_negative_accuracy``:
+        image's partial caption against a hard negative stated alike; ``full_over_partial``:
+        share of images whose true full caption outscores their partial one (whether the
+        reward pays for saying more); ``shapes_over_full``: share where the shapes-only caption
+        outscores the full one; ``random_negative_accuracy``:
         true full caption against the next image's (when it differs); ``match_rate``: share of
         true full captions with p(match) > 0.5; ``recall_r1`` and ``recall_images``: caption ->
         image R@1 of the true full captions over the first ``recall_images`` images, ranked by
@@ -168,8 +171,15 @@ def evaluate_itm(reward: Blip2ItmReward, world: ShapesWorld, features: torch.Ten
     partial_neg = [describe(_perturb(world.scene(split, i), rng, *_flags(p)), *_flags(p))
                    for i, p in enumerate(partial)]
     true = _match(reward, features, full)
-    out = {"hard_negative_accuracy": (true > _match(reward, features, negatives)).double().mean().item(),
-           "partial_hard_negative_accuracy": (_match(reward, features, partial) >
+    shapes_only = _match(reward, features, [describe(world.scene(split, i), False, False)
+                                            for i in range(n)])
+    stated = [p != f for p, f in zip(partial, full)]  # partial captions that leave something out
+    partial_logits = _match(reward, features, partial)
+    out = {"full_over_partial": (true > partial_logits)[torch.tensor(stated)].double().mean().item()
+           if any(stated) else float("nan"),
+           "shapes_over_full": (shapes_only > true).double().mean().item(),
+           "hard_negative_accuracy": (true > _match(reward, features, negatives)).double().mean().item(),
+           "partial_hard_negative_accuracy": (partial_logits >
                                               _match(reward, features, partial_neg)).double().mean().item(),
            "match_rate": (true > 0).double().mean().item(),
            "eval_images": n}
@@ -193,7 +203,8 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
               out_dir: str | Path, seed: int = 5, steps: int = 1500, batch_size: int = 64,
               lr: float = 1e-3, progress: bool = True, eval_images: int = 500,
               recall_images: int = 500, width: int = 64, layers: int = 2,
-              num_query_tokens: int = 8, init_qformer: Any = None) -> dict[str, Any]:
+              num_query_tokens: int = 8, init_qformer: Any = None,
+              full_share: float = FULL_SHARE) -> dict[str, Any]:
     """Train the world's ITM model on frozen vision features and save it to ``out_dir``.
 
     The vision encoder (``vision_state``, the captioner's) is loaded and frozen; the Q-Former,
@@ -220,6 +231,8 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
         init_qformer: A BLIP-2 model (the captioner) whose Q-Former and queries this one starts
             from, as BLIP-2's ITM and captioner share one stage-1 Q-Former; the text-only
             feed-forward layers it lacks start at random. None: everything starts at random.
+        full_share: Share of positives that are full captions; the rest are partial (true
+            captions with colours or sizes left out).
 
     Returns:
         ``steps``, ``final_loss``, ``seed`` and the settings, plus ``evaluate_itm``'s metrics.
@@ -230,6 +243,8 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
 
     if len(images) < 2:
         raise ConfigError(f"train_itm needs at least 2 training images, got {len(images)}")
+    if not 0.0 <= full_share <= 1.0:
+        raise ConfigError(f"train_itm full_share must be in [0, 1], got {full_share}")
     # No end token: the ITM head reads the query outputs, which attend to every text token.
     tokenizer = word_tokenizer(world)
     processor = Blip2Processor(BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer,
@@ -259,7 +274,7 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
         positives, hard, wrong = [], [], []
         for i in idx.tolist():
             scene = world.scene("train", i)
-            caption = (describe(scene) if rng.random() < FULL_SHARE
+            caption = (describe(scene) if rng.random() < full_share
                        else world.partial_caption("train", i))
             colour, size = _flags(caption)
             positives.append(caption)
@@ -276,6 +291,7 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
         p.requires_grad_(False)
     model.eval()
     record: dict[str, Any] = {**fit, "seed": seed, "batch_size": batch_size, "lr": lr,
+                              "full_share": full_share,
                               "width": width, "layers": layers,
                               "num_query_tokens": num_query_tokens, "train_images": len(images)}
     if eval_images > 0:
