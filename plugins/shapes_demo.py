@@ -34,7 +34,7 @@ from vlrm_plugins.shapes_world import COLOURS, SHAPES, SIZES, ShapesImages
 SUMMARY_KEYS = ("clip_recall/r1", "clip_recall/r5", "clip_recall/mrr", "reward_clip/r1",
                 "caption/length", "caption/colour_words", "caption/grammar_rate",
                 "caption/attribute_accuracy", "caption/invented_objects",
-                "caption/bad_phrase_rate", "caption/repetition_rate")
+                "caption/bad_phrase_rate", "caption/repetition_rate", "caption/repeats_beyond_scene")
 
 
 @frozen
@@ -194,7 +194,7 @@ ABLATIONS: dict[str, list[str]] = {
 }
 SWEEP_KEYS = ("clip_recall/r1", "reward_clip/r1", "caption/colour_words", "caption/length",
               "caption/grammar_rate", "caption/attribute_accuracy", "caption/invented_objects",
-              "caption/bad_phrase_rate", "caption/repetition_rate")
+              "caption/bad_phrase_rate", "caption/repetition_rate", "caption/repeats_beyond_scene")
 
 
 def sweep_variants(seeds: Sequence[int], ablations: Sequence[str]) -> dict[str, list[str]]:

@@ -2,7 +2,8 @@ import pytest
 
 from vlrm.errors import ConfigError
 from vlrm_plugins.shapes_world import (COLOURS, SHAPES, SIZES, Parsed, ShapesImages, ShapesWorld,
-                                       Stated, describe, judge, parse, parse_image_id)
+                                       ShapesCaptionStats, Stated, Thing, describe, judge, parse,
+                                       parse_image_id, repeats_beyond_scene)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,29 @@ def test_judge_counts_true_attributes_and_invented_objects(world):
     v = judge("a circle and a diamond and a triangle and a square", scene)
     assert (v.correct, v.stated, v.invented) == (3, 3, 1)
     assert judge("red red red", scene) == judge("", scene) and not judge("", scene).grammatical
+
+
+def test_repeats_beyond_scene_counts_only_what_the_image_does_not_hold():
+    two_red = [Thing("square", "red", "small", 10, 30), Thing("square", "red", "large", 40, 30)]
+    assert not repeats_beyond_scene("a square and a square", two_red)
+    assert not repeats_beyond_scene("a red square and a red square", two_red)
+    assert repeats_beyond_scene("a small red square and a small red square", two_red)
+    assert repeats_beyond_scene("a circle and a circle", two_red)  # none there: twice is a repeat
+    assert not repeats_beyond_scene("a circle", two_red)  # wrong, but said once
+    assert repeats_beyond_scene("a square and a square and a square", two_red)
+    assert repeats_beyond_scene("square square", two_red) is None
+
+
+def test_caption_stats_report_both_repetition_measures(world):
+    from vlrm.evaluation import CaptionSet
+
+    ids = ["shapes/train/000000"] * 2  # a small red circle, a large yellow diamond, a large yellow triangle
+    texts = ["a large yellow diamond and a large yellow diamond",  # twice, once there
+             "a small red circle and a large yellow diamond and a large yellow triangle"]
+    m = ShapesCaptionStats(0)(CaptionSet(image_ids=ids, captions=texts, load_image=None))
+    assert m["repeats_beyond_scene"] == 0.5
+    # the n-gram detector (the penalty's) fires on neither: no 5-gram repeats
+    assert m["repetition_rate"] == 0.0
 
 
 def test_biased_captions_follow_the_mix():
