@@ -128,6 +128,8 @@ class Judgement:
         stated: Attributes stated for objects that exist.
         invented: Objects stated beyond those in the scene.
         colours: Colours stated.
+        repeated: One object stated more times than the scene holds objects that fit it
+            (see ``repeats_beyond_scene``).
     """
 
     grammatical: bool
@@ -135,6 +137,16 @@ class Judgement:
     stated: int = 0
     invented: int = 0
     colours: int = 0
+    repeated: bool = False
+
+
+def _repeated(objects: Sequence[Stated], scene: Sequence[Thing]) -> bool:
+    for said in set(objects):
+        fits = sum(t.shape == said.shape and said.colour in (None, t.colour)
+                   and said.size in (None, t.size) for t in scene)
+        if objects.count(said) > max(fits, 1):
+            return True
+    return False
 
 
 def judge(caption: str, scene: Sequence[Thing]) -> Judgement:
@@ -150,7 +162,8 @@ def judge(caption: str, scene: Sequence[Thing]) -> Judgement:
                 stated += 1
                 correct += value == getattr(true, attr)
     return Judgement(True, correct, stated, max(0, len(parsed.objects) - len(scene)),
-                     sum(o.colour is not None for o in parsed.objects))
+                     sum(o.colour is not None for o in parsed.objects),
+                     _repeated(parsed.objects, scene))
 
 
 def repeats_beyond_scene(caption: str, scene: Sequence[Thing]) -> bool | None:
@@ -160,15 +173,8 @@ def repeats_beyond_scene(caption: str, scene: Sequence[Thing]) -> bool | None:
     an object fits a statement when its shape and every stated colour and size agree. None when
     the caption does not parse.
     """
-    parsed = parse(caption)
-    if not parsed.grammatical:
-        return None
-    for said in set(parsed.objects):
-        fits = sum(t.shape == said.shape and said.colour in (None, t.colour)
-                   and said.size in (None, t.size) for t in scene)
-        if parsed.objects.count(said) > max(fits, 1):
-            return True
-    return False
+    verdict = judge(caption, scene)
+    return verdict.repeated if verdict.grammatical else None
 
 
 class ShapesWorld:
@@ -392,9 +398,7 @@ class ShapesCaptionStats:
         out["grammar_rate"] = sum(v.grammatical for v in verdicts) / n
         out["attribute_accuracy"] = sum(v.correct for v in verdicts) / stated if stated else 0.0
         out["invented_objects"] = sum(v.invented for v in verdicts) / n
-        out["repeats_beyond_scene"] = sum(
-            bool(repeats_beyond_scene(c, self.world.scene(*parse_image_id(i))))
-            for i, c in zip(captions.image_ids, captions.captions)) / n
+        out["repeats_beyond_scene"] = sum(v.repeated for v in verdicts) / n
         return out
 
 
