@@ -313,11 +313,11 @@ def train_captioner(policy: Any, world: ShapesWorld, features: torch.Tensor, ste
 
 def train_world_clips(seed: int, train_images: int, out_dir: str, reward_clip_steps: int,
                       judge_clip_steps: int, progress: bool = True, threads: int = 0,
-                      bar_line: int = 0) -> dict[str, Any]:
+                      bar_line: int = 0, images: torch.Tensor | None = None) -> dict[str, Any]:
     """Stage 1 of the build: the reward CLIP and the judge CLIP (different seeds and sizes).
 
-    ``build_world`` runs it in a worker process beside the captioner's stages, so it renders
-    its own copy of the training images.
+    ``build_world`` runs it in a worker process beside the captioner's stages; there it
+    renders its own copy of the training images.
 
     Args:
         seed: The world's seed (the CLIPs use seed + 1 and seed + 2).
@@ -328,13 +328,15 @@ def train_world_clips(seed: int, train_images: int, out_dir: str, reward_clip_st
         progress: Show progress bars.
         threads: Torch threads of this process (0 = leave as is).
         bar_line: Terminal line of the progress bars.
+        images: The training images as ``pixels`` gives them; None renders them here.
     """
     global _BAR_LINE
     if threads:
         torch.set_num_threads(threads)
     _BAR_LINE = bar_line
     world = ShapesWorld(seed)
-    images = pixels([world.image("train", i) for i in range(train_images)])
+    if images is None:
+        images = pixels([world.image("train", i) for i in range(train_images)])
     out = Path(out_dir)
     return {"reward_clip": train_clip(world, images, out / "reward_clip", seed + 1, width=64,
                                       layers=2, steps=reward_clip_steps, progress=progress,
@@ -379,6 +381,7 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
                               "workers": workers}
     # 1. the two CLIPs: different seeds and sizes, nothing shared (beside stages 2-3 if workers=2)
     clip_args = (seed, train_images, str(out), reward_clip_steps, judge_clip_steps, progress)
+    images = pixels([ShapesWorld(seed).image("train", i) for i in range(train_images)])
     threads = torch.get_num_threads()
     pool = clips = None
     if workers == 2:
@@ -386,9 +389,9 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         clips = pool.submit(train_world_clips, *clip_args, threads=1, bar_line=1)
         torch.set_num_threads(1)
     else:
-        record.update(train_world_clips(*clip_args))
+        record.update(train_world_clips(*clip_args, images=images))
     try:
-        _build_captioner(record, out, seed, train_images, vision_steps, captioner_steps,
+        _build_captioner(record, out, seed, images, vision_steps, captioner_steps,
                          captioner_style_dropout, progress)
         if clips is not None:
             record.update(clips.result())
@@ -407,16 +410,19 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
     return record
 
 
-def _build_captioner(record: dict[str, Any], out: Path, seed: int, train_images: int,
+def _build_captioner(record: dict[str, Any], out: Path, seed: int, images: torch.Tensor,
                      vision_steps: int, captioner_steps: int, style_dropout: float,
                      progress: bool) -> None:
-    """Stages 2 and 3 of the build: the captioner's vision encoder, then the captioner."""
+    """Stages 2 and 3 of the build: the captioner's vision encoder, then the captioner.
+
+    Args:
+        images: The world's training images as ``pixels`` gives them.
+    """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     from vlrm_plugins.blip2_opt import Blip2OptPolicy, _quiet_transformers
 
     world = ShapesWorld(seed)
-    images = pixels([world.image("train", i) for i in range(train_images)])
     # 2. the captioner's vision encoder, pretrained contrastively, then frozen
     tokenizer = word_tokenizer(world)
     processor = Blip2Processor(BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer,

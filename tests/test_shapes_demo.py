@@ -96,6 +96,24 @@ def test_the_shipped_world_loads_through_the_default_paths():
     assert shapes_clip_recall().protocol["backbone"] == "shapes-judge-clip"
 
 
+def test_build_in_one_process_trains_the_same_clips(built, tmp_path):
+    """workers=1 runs the stages in turn, sharing one rendering of the images; the CLIPs it
+    trains are the ones the two-process build trains (same seeds, same steps)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vlrm_plugins.shapes_build import build_world
+
+    record = build_world(str(tmp_path), train_images=256, reward_clip_steps=20, judge_clip_steps=20,
+                         vision_steps=20, captioner_steps=40, itm_steps=0, workers=1, progress=False)
+    assert record["workers"] == 1 and "itm" not in record
+    for clip in ("reward_clip", "judge_clip"):
+        ours = {k: v for f in (tmp_path / clip).glob("*.safetensors") for k, v in load_file(f).items()}
+        theirs = {k: v for f in (built / clip).glob("*.safetensors") for k, v in load_file(f).items()}
+        assert ours.keys() == theirs.keys() and ours
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-4) for k in ours)
+
+
 def test_caption_kind_is_the_style_of_the_biased_caption():
     from vlrm_plugins.shapes_world import ShapesWorld
 
