@@ -1,7 +1,7 @@
 """The shapes demo's targets (issue 5), on the shipped world: the full demo, three RL seeds.
 
-About 25 minutes on a 2-core CPU, so deselected by default (``-m "not targets"`` in
-pyproject.toml); run with ``pytest tests/test_shapes_targets.py -m targets``. The figures
+About 45 minutes on a 2-core CPU (six demos of 7-8 minutes), so deselected by default
+(``-m "not targets"`` in pyproject.toml); run with ``pytest tests/test_shapes_targets.py -m targets``. The figures
 it produced are in docs/shapes.md.
 """
 
