@@ -1,0 +1,119 @@
+"""Token sampling for rollouts: logits processing and the shared-prefill decode loop.
+
+Pure tensor functions (no model state) plus ``decode_shared_prefix``, which runs a
+transformers causal LM with a KV cache. Shape letters: N prompts, K samples per prompt,
+B = N * K rows, P prompt positions, V vocabulary, T generated tokens.
+
+The processing order is transformers' for sampling: suppressed tokens, then temperature,
+then top-k, then top-p; so with the same random state the loop draws the same tokens as
+``generate(do_sample=True, num_return_sequences=K)``, while computing the prompt once per
+prompt instead of once per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, suppressed: Sequence[int] = ()) -> torch.Tensor:
+    """Sampling scores from raw next-token logits.
+
+    Args:
+        logits: Shape: (B, V), float32.
+        temperature: Divides the logits (1.0 = unchanged).
+        top_k: Keep the k highest scores (0 = off).
+        top_p: Keep the smallest set of tokens whose probability reaches top_p (1.0 = off).
+        suppressed: Token ids that can never be drawn.
+
+    Returns:
+        Shape: (B, V); removed tokens are -inf.
+    """
+    scores = logits.clone()
+    if suppressed:
+        scores[:, list(suppressed)] = -float("inf")
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1.0 - top_p
+        drop[:, -1] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   suppressed: Sequence[int] = ()) -> torch.Tensor:
+    """log pi(token) of the policy that samples at ``temperature`` (no top-k / top-p cut).
+
+    Args:
+        logits: Shape: (..., V).
+        tokens: Shape: (...), long.
+
+    Returns:
+        Shape: (...), float32.
+    """
+    scaled = logits.float() / temperature
+    if suppressed:
+        scaled[..., list(suppressed)] = torch.finfo(scaled.dtype).min
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_new_tokens: int,
+                         eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+                         top_k: int = 0, top_p: float = 1.0,
+                         suppressed: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample K continuations of each prompt; each prompt is prefilled once.
+
+    The prompt's keys and values are computed for the N prompts, then the cache is repeated
+    K times along the batch, so only the generated tokens run per sample.
+
+    Args:
+        lm: A transformers causal LM (``AutoModelForCausalLM``-like, with a KV cache).
+        prefix: Shape: (N, P, H). Prompt input embeddings.
+        num_samples: K.
+        max_new_tokens: Longest continuation.
+        eos_token_id: Ends a caption; rows that ended get ``pad_token_id`` afterwards.
+        pad_token_id: Filler after the end.
+        temperature, top_k, top_p, suppressed: See ``process_logits``.
+
+    Returns:
+        tokens: Shape: (B, T), B = N * K in prompt-major order (the K samples of prompt 0
+            first); T <= max_new_tokens (the loop stops when every row ended).
+        logprobs: Shape: (B, T), float32. log pi(token) of the sampling policy (``token_logprobs``
+            at ``temperature``, before top-k / top-p); padding after the end included, so
+            callers mask it. The (B, T, V) logits are never kept.
+    """
+    n, p = prefix.shape[:2]
+    device = prefix.device
+    out = lm(inputs_embeds=prefix, attention_mask=torch.ones((n, p), dtype=torch.long, device=device),
+             use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(num_samples)
+    logits = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # (B, V)
+    b = n * num_samples
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for t in range(max_new_tokens):
+        scores = process_logits(logits, temperature, top_k, top_p, suppressed)
+        drawn = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        drawn = torch.where(finished, torch.full_like(drawn, pad_token_id), drawn)
+        tokens.append(drawn)
+        logprobs.append(token_logprobs(logits, drawn, temperature, suppressed))
+        finished |= drawn == eos_token_id
+        if bool(finished.all()) or t + 1 == max_new_tokens:
+            break
+        attention = torch.ones((b, p + t + 1), dtype=torch.long, device=device)
+        out = lm(input_ids=drawn.unsqueeze(1), attention_mask=attention, cache=cache,
+                 use_cache=True)
+        cache = out.cache
+        logits = out.logits[:, -1].float()
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
