@@ -19,6 +19,7 @@ from vlrm.data import ImageFolder
 from vlrm.evaluation import PeriodicEval, numeric
 from vlrm.protocols import Policy, Reward
 from vlrm.rewards import CompositeReward, bind_if_policy_aware
+from vlrm.sharing import share_frozen_towers
 from vlrm.value_head import ValueHead
 
 
@@ -99,6 +100,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         bind_if_policy_aware(reward, policy)
+        self.shared_towers = share_frozen_towers(policy, reward)
+        for name, size in self.shared_towers.items():
+            print(f"vlrm: reward {name} is the policy's frozen copy (identical weights): "
+                  f"{size / 2**20:.1f} MiB not held twice", file=sys.stderr)
         self.step = 0
 
     def train_step(self, batch: list[tuple[str, Any]]) -> dict[str, float]:
