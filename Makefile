@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlrm-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo smoke test test-fast clean
+.PHONY: setup system-deps demo smoke test test-fast bench clean
 
 $(STAMP): pyproject.toml examples/reward_plugin/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest tests
+	$(PY) -m pytest benchmarks --quick
+
+# Throughput against the naive baselines (tiny and small presets; paper too on a GPU), ~10 min on 2 CPUs.
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/latest.json --results-md benchmarks/results/latest.md
 
 test-fast: $(STAMP) system-deps
 	$(PY) -m pytest tests -m "not slow"

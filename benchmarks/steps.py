@@ -1,0 +1,46 @@
+"""The full A2C step of VLRM (ITM reward + reference LM + penalties), vlrm's and naive."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.naive import NaiveA2C
+from vlrm.cache import EmbeddingCache
+from vlrm.rewards import CompositeReward, RewardTerm
+from vlrm.trainer import Trainer, TrainerConfig
+from vlrm_plugins.reference_lm import ReferenceLMReward
+from vlrm_plugins.text_penalties import BadPhrasePenalty, RepetitionPenalty
+
+REF_WEIGHT = 0.1
+
+
+def penalties() -> list[Any]:
+    return [BadPhrasePenalty(), RepetitionPenalty()]
+
+
+def vlrm_step(preset: Any, output_dir: str) -> Callable[[], dict[str, float]]:
+    """vlrm's ``Trainer.train_step`` on the preset's images. The ITM image cache is emptied
+    before each step, so no step is faster for having seen the images before."""
+    itm = preset.itm
+    bad, repeat = penalties()
+    reward = CompositeReward({"itm": RewardTerm(itm), "ref": RewardTerm(ReferenceLMReward(), REF_WEIGHT),
+                              "bad": RewardTerm(bad), "repeat": RewardTerm(repeat)})
+    config = TrainerConfig(samples_per_image=preset.samples_per_image, whiten_advantages=True,
+                           value_hidden=64, progress=False)
+    trainer = Trainer(preset.policy, reward, data=None, config=config, output_dir=output_dir)
+    batch = list(zip(preset.image_ids, preset.images))
+
+    def step() -> dict[str, float]:
+        itm._cache = EmbeddingCache(itm._cache.size)
+        return trainer.train_step(batch)
+
+    return step
+
+
+def naive_step(preset: Any) -> Callable[[], float]:
+    """``NaiveA2C.step`` on a copy of the preset's policy (its own reference copy inside)."""
+    naive = NaiveA2C(copy.deepcopy(preset.policy), preset.itm, penalties(), ref_weight=REF_WEIGHT,
+                     value_hidden=64)
+    return lambda: naive.step(preset.images, preset.image_ids, preset.samples_per_image)
