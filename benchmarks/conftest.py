@@ -137,10 +137,14 @@ def machine() -> str:
             f"(torch threads {torch.get_num_threads()}), {gpu}; torch {torch.__version__}")
 
 
+_COLUMNS = {"benchmark", "baseline", "vlrm_s", "baseline_s", "ratio", "target", "unit",
+            "vlrm_per_s", "baseline_per_s", "rounds"}
+
+
 def results_markdown() -> str:
     lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.", "",
-             "| benchmark | baseline | vlrm | baseline time | ratio | target | throughput (vlrm / baseline) |",
-             "|---|---|---|---|---|---|---|"]
+             "| benchmark | baseline | vlrm | baseline time | ratio | target | throughput (vlrm / baseline) | other |",
+             "|---|---|---|---|---|---|---|---|"]
     other = []
     for r in RESULTS:
         if "ratio" not in r:
@@ -150,7 +154,8 @@ def results_markdown() -> str:
         met = "" if not r["target"] else (" (met)" if r["ratio"] >= r["target"] else " (MISSED)")
         lines.append(f"| {r['benchmark']} | {r['baseline']} | {r['vlrm_s'] * 1e3:.1f} ms | "
                      f"{r['baseline_s'] * 1e3:.1f} ms | {r['ratio']:.2f}x{met} | {target} | "
-                     f"{r['vlrm_per_s']:.1f} / {r['baseline_per_s']:.1f} {r['unit']}/s |")
+                     f"{r['vlrm_per_s']:.1f} / {r['baseline_per_s']:.1f} {r['unit']}/s | "
+                     + ", ".join(f"{k}: {r[k]}" for k in r if k not in _COLUMNS) + " |")
     if other:
         lines += ["", "| benchmark | figures |", "|---|---|"]
         lines += [f"| {r['benchmark']} | " + ", ".join(f"{k}: {v}" for k, v in r.items()
