@@ -155,7 +155,7 @@ def build_paper_preset(images: int = 32) -> Preset:
                               Blip2Processor, BlipImageProcessor)
 
     from vlrm_plugins.blip2_itm_reward import Blip2ItmReward
-    from vlrm_plugins.blip2_opt import PAPER_TRAINABLE, Blip2OptPolicy, gpt2_tokenizer
+    from vlrm_plugins.blip2_opt import PAPER_TRAINABLE, Blip2OptPolicy, cast_part, gpt2_tokenizer
     from vlrm_plugins.clip_reward import ClipReward
 
     tokenizer = gpt2_tokenizer()
@@ -170,7 +170,7 @@ def build_paper_preset(images: int = 32) -> Preset:
         itm_model = Blip2ForImageTextRetrieval(configs["itm"])
         clip = open_clip.create_model("ViT-L-14", pretrained=None, precision="bf16", device=device)
     for part in PAPER_TRAINABLE:
-        getattr(model, part).float()
+        cast_part(model, part, torch.float32)
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
         itm_model.query_tokens.normal_(0.0, 0.02)

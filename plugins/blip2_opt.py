@@ -406,6 +406,16 @@ class Blip2OptPolicy(nn.Module):
 LORA_WEIGHTS, LORA_CONFIG = "lora.safetensors", "lora.json"
 
 
+def cast_part(model: nn.Module, part: str, dtype: torch.dtype) -> None:
+    """Cast one top-level part of a BLIP-2 model in place; ``query_tokens`` is a bare
+    Parameter, whose ``.to()`` would return a copy and leave the model unchanged."""
+    value = getattr(model, part)
+    if isinstance(value, nn.Parameter):
+        value.data = value.data.to(dtype)
+    else:
+        value.to(dtype)
+
+
 def _checkpoint_layers(lm: nn.Module) -> int:
     """Make each decoder layer of ``lm`` recompute its activations in the backward pass.
 
@@ -554,7 +564,7 @@ def blip2_opt(
                               f"asks for {lora}; drop the lora_* settings to continue with them")
         lora = saved
     for part in trainable:
-        getattr(net, part).to(_dtype(trainable_dtype))
+        cast_part(net, part, _dtype(trainable_dtype))
     policy = Blip2OptPolicy(
         net, processor, trainable=trainable, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, lora=lora, autocast=autocast,

@@ -118,3 +118,16 @@ def test_token_ends_follow_the_generated_tokens(policy, rollout):
         for k in range(real):
             text = policy.tokenizer.decode(ids[:k + 1], skip_special_tokens=True).strip()
             assert caption.startswith(text[:ends[b, k].item()])
+
+
+def test_bf16_policy_keeps_every_trainable_part_in_fp32(policy, photos, tmp_path):
+    """The frozen parts load in bf16; the trainable ones, the bare query Parameter included,
+    are cast to ``trainable_dtype`` in place, and the mixed model samples and scores."""
+    policy.save_pretrained(str(tmp_path))
+    mixed = blip2_opt(str(tmp_path), dtype="bfloat16", max_new_tokens=4)
+    assert mixed.model.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert mixed.model.query_tokens.dtype == torch.float32
+    assert {p.dtype for p in mixed.trainable_parameters()} == {torch.float32}
+    ids, images = zip(*photos[:2])
+    rollout = mixed.sample(images, ids, num_samples=2)
+    assert torch.isfinite(mixed.evaluate(rollout).logprobs).all()
