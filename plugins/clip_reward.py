@@ -67,7 +67,7 @@ class ClipReward:
     def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
         """Unit-norm text embeddings. Shape: (B, D)."""
         tokens = self.tokenizer(list(captions)).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(encode_text_trimmed(self.model, tokens).float(), dim=-1)
 
     def truncated(self, captions: Sequence[str]) -> torch.Tensor:
         """Shape: (B,) bool: captions whose tokens (plus start and end) overflow the context."""
@@ -86,6 +86,39 @@ class ClipReward:
         sim = (texts * images[rollout.group.to(self.device)]).sum(-1) * self.scale
         truncated = self.truncated(rollout.captions).float().mean().item()
         return RewardOutput(sequence=sim.cpu(), metrics={"truncated": truncated})
+
+
+def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` without the padding columns after the longest caption.
+
+    open_clip's CLIP text tower is causal and pools at the end token, so positions after the
+    last real token of every row change nothing; dropping them saves most of the text
+    compute on short captions (CLIP pads every caption to 77). Other towers (bidirectional,
+    or pooled elsewhere) run unchanged.
+
+    Args:
+        model: An open_clip model.
+        tokens: Shape: (B, C). Token ids padded with 0 to the context length C.
+
+    Returns:
+        Shape: (B, D), unnormalised, as ``encode_text`` returns.
+    """
+    from open_clip.transformer import text_global_pool
+
+    causal = getattr(model, "attn_mask", None) is not None and hasattr(model, "token_embedding")
+    if not causal or getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+        return model.encode_text(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    length = int(torch.where(tokens != 0, positions, 0).amax()) + 1  # past every row's last token
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is None:
+        return x
+    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) \
+        else x @ model.text_projection
 
 
 def clip_reward(

@@ -63,3 +63,16 @@ def test_local_dir_round_trip(tiny_clip, rollout, tmp_path):
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ConfigError, match="NoSuchModel"):
         clip_reward("NoSuchModel-1", pretrained=None)
+
+
+def test_trimmed_text_encoding_equals_full_context(tiny_clip):
+    """Dropping the padding columns after the longest caption changes no embedding."""
+    from vlrm_plugins.clip_reward import encode_text_trimmed
+
+    captions = ["a dog", "a red square and a small blue circle on a white table", ""]
+    tokens = tiny_clip.tokenizer(captions)
+    assert int((tokens[:, -8:] != 0).sum()) == 0  # the context is longer than every caption
+    with torch.no_grad():
+        want = tiny_clip.model.encode_text(tokens)
+        got = encode_text_trimmed(tiny_clip.model, tokens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
