@@ -33,7 +33,7 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest tests
 	$(PY) -m pytest benchmarks --quick
 
-# Throughput against the naive baselines (tiny and small presets; paper too on a GPU), ~10 min on 2 CPUs.
+# Throughput against the naive baselines (tiny and small presets; paper too on a GPU), ~13 min on 2 CPUs.
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/latest.json --results-md benchmarks/results/latest.md
 
