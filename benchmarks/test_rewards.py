@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.naive import NaiveA2C, per_pair_clip, per_pair_itm
 from vlrm.cache import EmbeddingCache
+from vlrm_plugins.reference_kl import ReferenceKLPenalty
 from vlrm_plugins.reference_lm import ReferenceLMReward
 from vlrm_plugins.text_penalties import BadPhrasePenalty, RepetitionPenalty
 
@@ -59,3 +60,12 @@ def test_text_penalty_throughput(benchmark, rollout, penalty):
     reward = penalty()
     out = benchmark(reward, rollout)
     assert out.token.shape == rollout.tokens.shape
+
+
+def test_reference_kl_throughput(benchmark, preset, rollout):
+    """KL to the initial policy: one forward of the policy with its reference snapshot swapped in."""
+    reward = ReferenceKLPenalty()
+    reward.bind_policy(preset.policy)
+    out = benchmark.pedantic(reward, args=(rollout,), rounds=3, iterations=1, warmup_rounds=1)
+    assert out.token.shape == rollout.tokens.shape
+    assert torch.isfinite(out.token).all()
