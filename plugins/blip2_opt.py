@@ -77,8 +77,7 @@ class Blip2OptPolicy(nn.Module):
         top_k: Top-k sampling (0 = off).
         lora: LoRA adapters to add to the language model; None = none.
         autocast: Run sampling and scoring under ``torch.autocast`` in this dtype
-            ("bfloat16" or "float16"); None = off [ours: off; on a GPU bf16 saves time
-            and memory, on a CPU it is usually slower].
+            ("bfloat16" or "float16"); None = off [ours: off; meant for GPUs].
         gradient_checkpointing: Recompute the language model's layer activations in the
             backward pass instead of storing them (less memory, ~30% more compute) [ours: off].
     """
