@@ -34,7 +34,7 @@ from attrs import frozen
 from vlrm import hookimpl
 from vlrm.checkpoint import find_policy_dir, safe_load
 from vlrm.errors import ConfigError
-from vlrm.sampling import decode_shared_prefix, token_logprobs
+from vlrm.sampling import decode_shared_prefix, policy_log_softmax
 from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
 
@@ -249,10 +249,7 @@ class Blip2OptPolicy(nn.Module):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float() / self.temperature
-        if self.suppressed:
-            logits[..., self.suppressed] = torch.finfo(logits.dtype).min
-        return torch.log_softmax(logits, dim=-1)
+        return policy_log_softmax(logits, self.temperature, self.suppressed)
 
     def _forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hidden states (B, T, H), full log-probs (B, T, V) and those of the tokens (B, T)."""

@@ -49,9 +49,25 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     return scores
 
 
+def policy_log_softmax(logits: torch.Tensor, temperature: float = 1.0,
+                       suppressed: Sequence[int] = ()) -> torch.Tensor:
+    """log pi(. | state) of the policy that samples at ``temperature`` (no top-k / top-p cut).
+
+    Args:
+        logits: Shape: (..., V).
+
+    Returns:
+        Shape: (..., V), float32; suppressed tokens get the smallest finite log-prob.
+    """
+    scaled = logits.float() / temperature
+    if suppressed:
+        scaled[..., list(suppressed)] = torch.finfo(scaled.dtype).min
+    return torch.log_softmax(scaled, dim=-1)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
                    suppressed: Sequence[int] = ()) -> torch.Tensor:
-    """log pi(token) of the policy that samples at ``temperature`` (no top-k / top-p cut).
+    """log pi(token) under ``policy_log_softmax``.
 
     Args:
         logits: Shape: (..., V).
@@ -60,10 +76,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     Returns:
         Shape: (...), float32.
     """
-    scaled = logits.float() / temperature
-    if suppressed:
-        scaled[..., list(suppressed)] = torch.finfo(scaled.dtype).min
-    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logp = policy_log_softmax(logits, temperature, suppressed)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
