@@ -142,6 +142,15 @@ class Blip2OptPolicy(nn.Module):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules that FSDP2 shards (and gathers) one at a time, innermost first: each
+        layer of the vision encoder, the Q-Former and OPT. The trainer shards them with
+        ``trainer.parallel: fsdp``; the rest (embeddings, queries, projection, heads) is
+        sharded with the outer module."""
+        m = self.model
+        return [*m.vision_model.encoder.layers, *m.qformer.encoder.layer,
+                *m.language_model.get_decoder().layers]
+
     @torch.no_grad()
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Frozen vision features. Shape: (N, P, Hv)."""
@@ -175,7 +184,13 @@ class Blip2OptPolicy(nn.Module):
         return torch.cat([projected.to(bos.dtype), bos], dim=1)
 
     @torch.no_grad()
-    def sample(self, images: Sequence[Any], image_ids: Sequence[str], num_samples: int) -> Rollout:
+    def sample(self, images: Sequence[Any], image_ids: Sequence[str], num_samples: int,
+               seeds: Sequence[int] | None = None) -> Rollout:
+        generators = None
+        if seeds is not None:
+            if len(seeds) != len(images):
+                raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
+            generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
         image_embeds = self.encode_images(images)
         prefix = self.prefix_embeds(image_embeds)  # (N, Q+1, H): once per image
         with self._autocast():
@@ -183,7 +198,7 @@ class Blip2OptPolicy(nn.Module):
                 self.model.language_model, prefix, num_samples, self.max_new_tokens,
                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                suppressed=self.suppressed)
+                suppressed=self.suppressed, generators=generators)
         mask = self.generated_mask(tokens)
         group = torch.arange(len(images), device=self.device).repeat_interleave(num_samples)
         rows = [row[keep].tolist() for row, keep in zip(tokens, mask)]

@@ -10,7 +10,8 @@ Layout of ``<output_dir>/checkpoints``::
     last -> step-<N>                  symlink to the newest complete checkpoint
 
 A checkpoint is written under a temporary name, flushed to disk, then renamed; ``last``
-is replaced by an atomic rename of a new symlink.
+is replaced by an atomic rename of a new symlink. A process killed mid-save leaves only a
+``.step-<N>.partial-<pid>`` folder, which the next successful save removes.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def write_checkpoint(checkpoints: Path, step: int, write: Callable[[Path], None]
         link_tmp.unlink()
     link_tmp.symlink_to(final.name)
     os.replace(link_tmp, checkpoints / LAST)
+    # Leftovers of saves that a killed process never finished: `last` never named them.
+    for leftover in checkpoints.glob(".step-*"):
+        if ".partial-" in leftover.name or ".stale-" in leftover.name:
+            shutil.rmtree(leftover, ignore_errors=True)
     if keep_last > 0:
         # Never prune the checkpoint just written, even when an earlier run in this folder
         # left checkpoints of higher step numbers.

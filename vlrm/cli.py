@@ -75,11 +75,20 @@ def build_parser() -> Any:
                              "steps (vlrm.evaluation.PeriodicEval); default none.")
     parser.add_argument("--output_dir", type=str, default="runs/vlrm",
                         help="Receives config.yaml, metrics.jsonl and checkpoints/.")
+    parser.add_argument("--resume", type=bool, default=False,
+                        help="Continue the run in output_dir from checkpoints/last (weights, "
+                             "optimiser, random states, data order); starts at step 0 when "
+                             "there is no checkpoint yet, so a requeued job can always pass it.")
     return parser
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Parse, build, train. Returns the process exit status."""
+    """Parse, build, train. Returns the process exit status: 0 done, 1 the run stopped
+    (out of memory, non-finite updates; the message says what to change), 2 a bad config.
+
+    Under ``torchrun`` every process runs this; each trains on its share of every step and
+    rank 0 alone writes the outputs.
+    """
     from vlrm.plugins import PluginError, get_registry
 
     try:
@@ -88,28 +97,72 @@ def run(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"vlrm-run: error: {exc}\n")
         return EXIT_CONFIG
     parser = build_parser()
-    parser.config_files = _config_files(sys.argv[1:] if argv is None else argv)
+    files = _config_files(sys.argv[1:] if argv is None else argv)
+    parser.config_files = files
     cfg = parser.parse_args(argv)
     output_dir = Path(cfg.output_dir)
     try:
         init = parser.instantiate(cfg)
-    except ConfigError as exc:
-        sys.stderr.write(f"vlrm-run: error: {exc}\n")
-        return EXIT_CONFIG
+    except Exception as exc:  # building the configured objects: whatever fails is the config's
+        return _config_failure(exc, files)
+    from vlrm.distributed import from_environment, shutdown
+    from vlrm.errors import TrainingError
     from vlrm.trainer import Trainer
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(parser.dump(cfg))
-    trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir,
-                      evaluation=init.get("eval"))
+    world = None
     try:
+        world = from_environment()
+        if world.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "config.yaml").write_text(parser.dump(cfg))
+        trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir,
+                          evaluation=init.get("eval"), world=world)
+        if cfg.resume:
+            if (output_dir / "checkpoints" / "last").exists():
+                step = trainer.resume()
+                _say(world, f"vlrm-run: resuming after step {step} from "
+                            f"{output_dir / 'checkpoints' / 'last'}")
+            else:
+                _say(world, f"vlrm-run: --resume: no checkpoint in {output_dir / 'checkpoints'} "
+                            "yet; starting at step 0")
         trainer.train()
     except ConfigError as exc:
         sys.stderr.write(f"vlrm-run: error: {exc}\n")
         return EXIT_CONFIG
-    print(f"vlrm-run: {trainer.step} steps done; outputs in {output_dir}, "
-          f"newest checkpoint {output_dir / 'checkpoints' / 'last'}")
+    except TrainingError as exc:
+        sys.stderr.write(f"vlrm-run: stopped: {exc}\n")
+        return 1
+    finally:
+        if world is not None:
+            shutdown(world)
+    _say(world, f"vlrm-run: {trainer.step} steps done; outputs in {output_dir}, "
+                f"newest checkpoint {output_dir / 'checkpoints' / 'last'}")
     return 0
+
+
+def _say(world: Any, message: str) -> None:
+    if world is None or world.is_main:
+        print(message)
+
+
+def _config_failure(exc: Exception, files: list[str]) -> int:
+    """Exit status 2 and one paragraph for a config whose objects cannot be built; the
+    traceback only with VLRM_DEBUG=1."""
+    import os
+    import traceback
+
+    where = f" (config file: {', '.join(files)})" if files else ""
+    if isinstance(exc, ConfigError):
+        message = str(exc)
+    else:
+        message = (f"the config could not be built: {type(exc).__name__}: "
+                   f"{_short_error(str(exc) or repr(exc), 4)}")
+    sys.stderr.write(f"vlrm-run: error: {message}{where}\n")
+    if os.environ.get("VLRM_DEBUG"):
+        traceback.print_exception(exc)
+    else:
+        sys.stderr.write("Set VLRM_DEBUG=1 to see the traceback.\n")
+    return EXIT_CONFIG
 
 
 def run_main() -> None:

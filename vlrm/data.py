@@ -108,17 +108,37 @@ class ImageFolder:
         """A folder of images has no reference captions."""
         return None
 
-    def batches(self, batch_size: int, seed: int = 0) -> Iterator[list[tuple[str, Image.Image]]]:
-        """Yield lists of ``(image_id, image)``; each epoch is a fresh seeded shuffle."""
+    def state_dict(self) -> dict[str, list[str]]:
+        """What a resumed run needs: the files found unreadable so far."""
+        return {"skipped": sorted(str(p) for p in self.skipped)}
+
+    def load_state_dict(self, state: dict[str, list[str]]) -> None:
+        self.skipped |= {Path(p) for p in state.get("skipped", [])}
+
+    def batches(self, batch_size: int, seed: int = 0,
+                start: int = 0) -> Iterator[list[tuple[str, Image.Image]]]:
+        """Yield lists of ``(image_id, image)``; each epoch is a fresh seeded shuffle.
+
+        Args:
+            batch_size: Images per batch.
+            seed: Seeds the shuffles.
+            start: Skip this many batches first, without decoding them (a resumed run: the
+                files in ``skipped`` are passed over as the first run passed them over).
+        """
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         generator = torch.Generator().manual_seed(seed)
+        to_skip = start * batch_size  # good images the first ``start`` batches held
         batch: list[tuple[str, Image.Image]] = []
         while True:
             order = torch.randperm(len(self.paths), generator=generator).tolist()
             good_this_epoch = 0
             for path in [self.paths[i] for i in order]:
                 if path in self.skipped:
+                    continue
+                if to_skip:
+                    to_skip -= 1
+                    good_this_epoch += 1
                     continue
                 image = self.load(path)
                 if image is None:

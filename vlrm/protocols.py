@@ -26,7 +26,13 @@ class Policy(Protocol):
     hidden_size: int
 
     def sample(self, images: Sequence[Any], image_ids: Sequence[str], num_samples: int) -> Rollout:
-        """Sample ``num_samples`` captions per image, without gradients."""
+        """Sample ``num_samples`` captions per image, without gradients.
+
+        A policy may also accept ``seeds`` (one int per image): each image's samples are then
+        drawn from a generator seeded with its seed, independent of the rest of the batch.
+        The trainer passes it with ``sample_seeding: per_image`` (needed for a run that is
+        the same on any number of processes).
+        """
 
     def evaluate(self, rollout: Rollout) -> PolicyOutput:
         """Log-probs, entropy and hidden states of the rollout's tokens, with gradients."""

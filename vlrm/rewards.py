@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from attrs import frozen
 
@@ -112,6 +114,10 @@ def to_token_rewards(output: RewardOutput, mask: torch.Tensor, name: str) -> tor
     return total
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def bind_if_policy_aware(reward: object, policy: object) -> None:
     """Give ``policy`` to a reward that implements ``PolicyAware``; others are untouched."""
     if isinstance(reward, PolicyAware):
@@ -141,6 +147,13 @@ class CompositeReward:
             if term.clip < 0:
                 raise ConfigError(f"reward.terms.{name}.clip must be >= 0, got {term.clip}")
         self.moments = {name: RunningMoments() for name, term in self.terms.items() if term.normalize}
+        self._gather = _identity
+
+    def gather_statistics_with(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Update the running normalisation with ``gather(scores)`` instead of this process's
+        scores: with a batch split over processes (``World.all_gather``), every process then
+        keeps the statistics of the whole batch."""
+        self._gather = gather
 
     def bind_policy(self, policy: object) -> None:
         """Hand the policy to every term that asks for it (e.g. one reusing the policy's LM)."""
@@ -166,7 +179,8 @@ class CompositeReward:
         """Running normalisation, then clipping, of one term; logs what each did."""
         if term.normalize:
             moments = self.moments[name]
-            moments.update(per_token.sum(dim=1))
+            totals = self._gather(per_token.sum(dim=1))
+            moments.update(totals[torch.isfinite(totals)])  # a NaN must not poison the statistics
             per_token = standardize(per_token, mask, moments.mean, moments.std)
             metrics[f"{name}/running_mean"] = moments.mean
             metrics[f"{name}/running_std"] = moments.std

@@ -57,9 +57,10 @@ def policy_log_softmax(logits: torch.Tensor, temperature: float = 1.0,
         logits: Shape: (..., V).
 
     Returns:
-        Shape: (..., V), float32; suppressed tokens get the smallest finite log-prob.
+        Shape: (..., V), float32 (float64 for float64 logits); suppressed tokens get the
+        smallest finite log-prob.
     """
-    scaled = logits.float() / temperature
+    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if suppressed:
         scaled[..., list(suppressed)] = torch.finfo(scaled.dtype).min
     return torch.log_softmax(scaled, dim=-1)
@@ -80,11 +81,35 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def draw(probs: torch.Tensor, num_samples: int,
+         generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """One token per row from ``probs``.
+
+    Args:
+        probs: Shape: (B, V), B = N * K, prompt-major.
+        num_samples: K.
+        generators: N generators, the n-th drawing rows n*K .. n*K + K - 1; None = the
+            global random state (one draw for the whole batch).
+
+    Returns:
+        Shape: (B,), long.
+    """
+    if generators is None:
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    if len(generators) * num_samples != probs.shape[0]:
+        raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows "
+                         f"of {num_samples} samples each")
+    rows = probs.split(num_samples)
+    return torch.cat([torch.multinomial(r, 1, generator=g).squeeze(1)
+                      for r, g in zip(rows, generators)])
+
+
 @torch.no_grad()
 def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_new_tokens: int,
                          eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                         top_k: int = 0, top_p: float = 1.0,
-                         suppressed: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                         top_k: int = 0, top_p: float = 1.0, suppressed: Sequence[int] = (),
+                         generators: Sequence[torch.Generator] | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample K continuations of each prompt; each prompt is prefilled once.
 
     The prompt's keys and values are computed for the N prompts, then the cache is repeated
@@ -98,6 +123,10 @@ def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_ne
         eos_token_id: Ends a caption; rows that ended get ``pad_token_id`` afterwards.
         pad_token_id: Filler after the end.
         temperature, top_k, top_p, suppressed: See ``process_logits``.
+        generators: One random generator per prompt (N), drawing that prompt's K samples;
+            a prompt's samples then depend only on its generator, not on the other prompts
+            in the batch (so a batch split over processes samples what it would in one).
+            None = the global random state, as ``generate`` uses it.
 
     Returns:
         tokens: Shape: (B, T), B = N * K in prompt-major order (the K samples of prompt 0
@@ -118,7 +147,7 @@ def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_ne
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
         scores = process_logits(logits, temperature, top_k, top_p, suppressed)
-        drawn = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        drawn = draw(scores.softmax(dim=-1), num_samples, generators)
         drawn = torch.where(finished, torch.full_like(drawn, pad_token_id), drawn)
         tokens.append(drawn)
         logprobs.append(token_logprobs(logits, drawn, temperature, suppressed))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import itertools
 import json
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -11,16 +15,26 @@ from typing import Any
 
 import torch
 from attrs import frozen
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from vlrm import rl
-from vlrm.checkpoint import save_state, write_checkpoint
+from vlrm.checkpoint import LAST, load_state, save_state, write_checkpoint
 from vlrm.data import ImageFolder
+from vlrm.distributed import World, sample_seeds
+from vlrm.errors import ConfigError, TrainingError
 from vlrm.evaluation import PeriodicEval, numeric
+from vlrm.faults import fault_point
 from vlrm.protocols import Policy, Reward
 from vlrm.rewards import CompositeReward, bind_if_policy_aware
 from vlrm.sharing import share_frozen_towers
 from vlrm.value_head import ValueHead
+
+#: Step metrics that are a process's share of a whole-batch mean: added over processes.
+SUMMED = ("loss/policy", "loss/value", "loss/entropy", "loss/total", "value/mean",
+          "advantage/mean", "reward/nonfinite")
+SEEDINGS = ("global", "per_image")
+PARALLEL = ("ddp", "fsdp")
 
 
 @frozen
@@ -46,6 +60,15 @@ class TrainerConfig:
         save_every: Write a checkpoint every this many steps (and at the end); 0 = only at the end.
         keep_last: Keep only this many newest checkpoints; 0 = keep all.
         seed: Seeds sampling and data order.
+        sample_seeding: ``global``: captions are drawn from the global random state, as
+            ``generate`` draws them; ``per_image``: each image of a step draws from its own
+            generator, seeded from ``seed``, the step and the image's place in the step, so
+            the run samples the same captions on any number of processes [ours: global].
+        max_nonfinite_steps: Stop the run after this many updates in a row were skipped
+            for a non-finite loss or gradient [ours: 10].
+        parallel: With several processes (torchrun): ``ddp`` replicates the policy and
+            all-reduces gradients; ``fsdp`` shards the policy's parameters over the
+            processes with FSDP2 ``fully_shard`` (for a policy too big for one device).
         progress: Show a progress bar on stderr.
     """
 
@@ -66,7 +89,48 @@ class TrainerConfig:
     save_every: int = 100
     keep_last: int = 3
     seed: int = 0
+    sample_seeding: str = "global"
+    max_nonfinite_steps: int = 10
+    parallel: str = "ddp"
     progress: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        at_least = {"max_steps": 1, "images_per_step": 1, "samples_per_image": 1,
+                    "value_hidden": 1, "max_nonfinite_steps": 1, "policy_lr": 0.0,
+                    "value_lr": 0.0, "weight_decay": 0.0, "warmup_steps": 0,
+                    "max_grad_norm": 0.0, "vf_coef": 0.0, "ent_coef": 0.0, "save_every": 0,
+                    "keep_last": 0}
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            if not value >= low:  # also catches NaN
+                raise ConfigError(f"trainer.{key} must be >= {low}, got {value}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"trainer.gamma must be in [0, 1], got {self.gamma}")
+        for key, allowed in (("sample_seeding", SEEDINGS), ("parallel", PARALLEL)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"trainer.{key} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, key)!r}")
+
+
+class ActorCritic(nn.Module):
+    """The policy and the value head as one module: its forward is what the A2C loss
+    differentiates, so ``DistributedDataParallel`` / ``fully_shard`` can wrap it.
+
+    Args:
+        policy: The captioner (an ``nn.Module`` when wrapped for several processes).
+        value_head: V(s_k).
+        value_detach: Feed the value head detached hidden states.
+    """
+
+    def __init__(self, policy: Policy, value_head: ValueHead, value_detach: bool) -> None:
+        super().__init__()
+        self.policy, self.value_head, self.value_detach = policy, value_head, value_detach
+
+    def forward(self, rollout: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs, entropy and values of the rollout's tokens. Shapes: (B, T) each."""
+        out = self.policy.evaluate(rollout)
+        values = self.value_head(out.hidden.detach() if self.value_detach else out.hidden)
+        return out.logprobs, out.entropy, values
 
 
 class Trainer:
@@ -79,19 +143,33 @@ class Trainer:
         config: Loop settings.
         output_dir: Receives ``metrics.jsonl``, ``checkpoints/`` and ``eval/``.
         evaluation: Periodic evaluation on held-out images; None = none.
+        world: The processes this run spans (``vlrm.distributed.from_environment()``);
+            default one process. Each rank trains on its share of every step's images.
     """
 
     def __init__(self, policy: Policy, reward: Reward, data: ImageFolder,
                  config: TrainerConfig, output_dir: str | Path,
-                 evaluation: PeriodicEval | None = None) -> None:
+                 evaluation: PeriodicEval | None = None, world: World | None = None) -> None:
         self.policy, self.reward, self.data, self.config = policy, reward, data, config
         self.evaluation = evaluation
+        self.world = world or World()
         self.output_dir = Path(output_dir)
-        device = next(iter(policy.trainable_parameters())).device
-        self.value_head = ValueHead(policy.hidden_size, config.value_hidden).to(device)
         self.policy_params = list(policy.trainable_parameters())
         if not self.policy_params:
             raise ValueError("the policy has no trainable parameters")
+        device, dtype = self.policy_params[0].device, self.policy_params[0].dtype
+        self.value_head = ValueHead(policy.hidden_size, config.value_hidden).to(
+            device, torch.float64 if dtype == torch.float64 else torch.float32)
+        self.world.shard(range(config.images_per_step))  # fails early if it does not split
+        self._seeds_kwarg = "seeds" in inspect.signature(policy.sample).parameters
+        if config.sample_seeding == "per_image" and not self._seeds_kwarg:
+            raise ConfigError(f"trainer.sample_seeding per_image needs a policy whose sample() "
+                              f"takes seeds; {type(policy).__name__} does not")
+        bind_if_policy_aware(reward, policy)  # before wrapping: a snapshot of the initial policy
+        if isinstance(reward, CompositeReward):
+            reward.gather_statistics_with(self.world.all_gather)
+        self.model = self._wrap(ActorCritic(policy, self.value_head, config.value_detach))
+        self.policy_params = list(policy.trainable_parameters())  # FSDP replaces parameters
         self.optimizer = torch.optim.AdamW(
             [{"params": self.policy_params, "lr": config.policy_lr},
              {"params": list(self.value_head.parameters()), "lr": config.value_lr}],
@@ -99,46 +177,132 @@ class Trainer:
         warmup = max(config.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        bind_if_policy_aware(reward, policy)
         self.shared_towers = share_frozen_towers(policy, reward)
         for name, size in self.shared_towers.items():
-            print(f"vlrm: reward {name} is the policy's frozen copy (identical weights): "
-                  f"{size / 2**20:.1f} MiB not held twice", file=sys.stderr)
+            self._say(f"vlrm: reward {name} is the policy's frozen copy (identical weights): "
+                      f"{size / 2**20:.1f} MiB not held twice")
         self.step = 0
+        self.nonfinite_in_a_row = 0
+        self._resumed_rng: dict[str, Any] | None = None
+        self.last_captions: list[str] = []
+
+    @contextlib.contextmanager
+    def _gathered(self) -> Iterator[None]:
+        """Whole parameters while sampling and scoring outside the wrapped forward: FSDP2
+        keeps each rank's shard only, so gather them for the block (a no-op otherwise)."""
+        sharded = self.world.distributed and self.config.parallel == "fsdp"
+        if sharded:
+            self.model.unshard()
+        try:
+            yield
+        finally:
+            if sharded:
+                self.model.reshard()
+
+    def _say(self, message: str) -> None:
+        if self.world.is_main:
+            print(message, file=sys.stderr)
+
+    def _wrap(self, model: ActorCritic) -> nn.Module:
+        """The module the loss differentiates: itself in one process, else DDP or FSDP2."""
+        if not self.world.distributed:
+            return model
+        if not isinstance(self.policy, nn.Module):
+            raise ConfigError(f"training on several processes needs a policy that is a "
+                              f"torch.nn.Module; {type(self.policy).__name__} is not")
+        if self.config.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            units = getattr(self.policy, "fsdp_units", lambda: [])()
+            for unit in units:
+                fully_shard(unit)
+            fully_shard(model)
+            # Sampling calls the inner units outside the root's forward; the root must have
+            # claimed them first, or each would make itself a root (FSDP2 has no public call
+            # for this; its first forward does the same).
+            model._get_fsdp_state()._lazy_init()
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.world.device] if self.world.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
     def train_step(self, batch: list[tuple[str, Any]]) -> dict[str, float]:
-        """One A2C update on a batch of ``(image_id, image)``; returns the step's metrics."""
-        cfg = self.config
-        ids, images = [b[0] for b in batch], [b[1] for b in batch]
-        rollout = self.policy.sample(images, ids, cfg.samples_per_image)
-        rewards = self.reward(rollout)
-        mask = rollout.mask
-        token_rewards = rewards.token if rewards.token is not None else \
-            rl.place_on_last_token(rewards.sequence, mask)
-        returns = rl.discounted_returns(token_rewards.to(mask.device), mask, cfg.gamma)
+        """One A2C update on the step's batch of ``(image_id, image)`` (every rank gets the
+        whole batch and trains on its share); returns the step's metrics over all ranks.
 
-        out = self.policy.evaluate(rollout)
-        values = self.values(out)
-        advantages = rl.advantages(returns, values, mask, cfg.whiten_advantages)
-        loss, stats = rl.a2c_loss(out.logprobs, values, out.entropy, returns, advantages, mask,
-                                  cfg.vf_coef, cfg.ent_coef)
+        Captions whose reward is NaN or infinite are left out of the update and counted
+        (``reward/nonfinite``); an update whose loss or gradient is not finite is skipped
+        (``step/skipped``), and ``max_nonfinite_steps`` of them in a row stop the run.
+        """
+        cfg, world = self.config, self.world
+        share = world.shard(batch)
+        ids, images = [b[0] for b in share], [b[1] for b in share]
+        with self._gathered():
+            if cfg.sample_seeding == "per_image":
+                first = world.rank * len(share)
+                seeds = sample_seeds(cfg.seed, self.step, first, len(share))
+                rollout = self.policy.sample(images, ids, cfg.samples_per_image, seeds=seeds)
+            else:
+                rollout = self.policy.sample(images, ids, cfg.samples_per_image)
+            self.last_captions = list(rollout.captions)  # this rank's, for logging and tests
+            rewards = self.reward(rollout)
+        token_rewards = rewards.token if rewards.token is not None else \
+            rl.place_on_last_token(rewards.sequence, rollout.mask)
+        token_rewards, mask, nonfinite = rl.drop_nonfinite(token_rewards.to(rollout.mask.device),
+                                                           rollout.mask)
+        returns = rl.discounted_returns(token_rewards, mask, cfg.gamma)
+
+        logprobs, entropy, values = self.model(rollout)
+        num_tokens = world.all_reduce(mask.sum())
+        advantages = rl.advantages(returns, values, mask, cfg.whiten_advantages,
+                                   reduce=world.all_reduce)
+        loss, stats = rl.a2c_loss(logprobs, values, entropy, returns, advantages, mask,
+                                  cfg.vf_coef, cfg.ent_coef, num_tokens=num_tokens)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Each rank's loss is its share of the batch mean; DDP averages gradients over the
+        # ranks, so scaling by their number makes the update the whole batch's.
+        (loss * world.size).backward()
         # Clipped apart: the value loss (squared returns) must not shrink the policy's step.
         policy_norm = torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.max_grad_norm)
         value_norm = torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        total_loss = world.all_reduce(loss.detach())
+        finite = bool(torch.isfinite(total_loss) & torch.isfinite(_full(policy_norm))
+                      & torch.isfinite(_full(value_norm)))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
 
+        kept = ~nonfinite
         metrics = {k: v.item() for k, v in stats.items()}
         metrics.update({f"reward/{k}": v for k, v in rewards.metrics.items()})
-        metrics.setdefault("reward/total", token_rewards.sum(1).mean().item())
+        metrics["reward/total"] = (token_rewards.sum(1)[kept].mean().item() if kept.any()
+                                   else 0.0)
+        metrics["reward/nonfinite"] = float(nonfinite.sum().item())
         metrics["return/mean"] = rl.masked_mean(returns, mask).item()
-        metrics["grad/policy_norm"] = policy_norm.item()
-        metrics["grad/value_norm"] = value_norm.item()
+        metrics["grad/policy_norm"] = _full(policy_norm).item()
+        metrics["grad/value_norm"] = _full(value_norm).item()
         metrics["caption/length"] = sum(len(c.split()) for c in rollout.captions) / len(rollout.captions)
         metrics["caption/tokens"] = rollout.lengths.float().mean().item()
         metrics["lr/policy"] = self.optimizer.param_groups[0]["lr"]
+        metrics = world.reduce_metrics(metrics, summed=SUMMED)
+        metrics["step/skipped"] = 0.0 if finite else 1.0
+        if not finite:
+            self._say(f"vlrm: step {self.step + 1} skipped: the loss or a gradient is not finite "
+                      f"(loss {total_loss.item()}, policy grad norm {metrics['grad/policy_norm']}, "
+                      f"value grad norm {metrics['grad/value_norm']})")
+        if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} updates in a row were skipped for a non-finite loss "
+                f"or gradient (last at step {self.step + 1}); the weights are unchanged since "
+                "the last good step. Lower trainer.policy_lr or trainer.max_grad_norm, give the "
+                "reward terms `normalize: true` or a `clip`, or check the reward plugins "
+                "(reward/* in metrics.jsonl); with policy autocast float16, try bfloat16. "
+                "trainer.max_nonfinite_steps sets how many skips are allowed.")
         return metrics
 
     def values(self, out: Any) -> torch.Tensor:
@@ -147,49 +311,177 @@ class Trainer:
         return self.value_head(out.hidden.detach() if self.config.value_detach else out.hidden)
 
     def _batches(self) -> Iterator[list[tuple[str, Any]]]:
-        return self.data.batches(self.config.images_per_step, seed=self.config.seed)
+        """The step's image batches, continuing after ``self.step`` batches (on resume)."""
+        n, seed = self.config.images_per_step, self.config.seed
+        if self.step and "start" in inspect.signature(self.data.batches).parameters:
+            return self.data.batches(n, seed=seed, start=self.step)
+        return itertools.islice(self.data.batches(n, seed=seed), self.step, None)
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step."""
+    def _named_trainable(self) -> dict[str, torch.Tensor]:
+        """The policy's trainable tensors by name (``param.<i>`` for a non-module policy)."""
+        if isinstance(self.policy, nn.Module):
+            named = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+        else:
+            named = {f"param.{i}": p for i, p in enumerate(self.policy_params)}
+        return {n: _full(p.detach()) for n, p in named.items()}
+
+    def value_head_state(self) -> dict[str, torch.Tensor]:
+        """The value head's weights as plain tensors (whole, also under FSDP)."""
+        return {k: _full(v.detach()) for k, v in self.value_head.state_dict().items()}
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank must call it)."""
+        rng = self.world.all_gather_object(_rng_state())
+        trainable, value_head = self._named_trainable(), self.value_head_state()
+        optimizer = self._optimizer_state()
+        if not self.world.is_main:
+            self.world.barrier()
+            return None
+
         def write(path: Path) -> None:
             self.policy.save_pretrained(str(path / "policy"))
-            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+            fault_point("save", self.step)  # tests kill the run here, mid-checkpoint
+            save_file({k: v.contiguous() for k, v in trainable.items()},
+                      str(path / "trainable.safetensors"))
+            save_file({k: v.contiguous() for k, v in value_head.items()},
                       str(path / "value_head.safetensors"))
-            state = {"optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(),
-                     "torch_rng": torch.get_rng_state()}
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                     "rng": rng, "nonfinite_in_a_row": self.nonfinite_in_a_row}
             if isinstance(self.reward, CompositeReward):  # running reward normalisation
                 state["reward"] = self.reward.state_dict()
+            if hasattr(self.data, "state_dict"):
+                state["data"] = self.data.state_dict()
             save_state(path, state, {"step": self.step, "hidden_size": self.policy.hidden_size,
-                                     "value_hidden": self.config.value_hidden})
+                                     "value_hidden": self.config.value_hidden,
+                                     "world_size": self.world.size,
+                                     "images_per_step": self.config.images_per_step,
+                                     "samples_per_image": self.config.samples_per_image,
+                                     "seed": self.config.seed})
 
-        return write_checkpoint(self.output_dir / "checkpoints", self.step, write,
-                                keep_last=self.config.keep_last)
+        final = write_checkpoint(self.output_dir / "checkpoints", self.step, write,
+                                 keep_last=self.config.keep_last)
+        self.world.barrier()
+        return final
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.config.parallel == "fsdp" and self.world.distributed:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 get_optimizer_state_dict)
+
+            return get_optimizer_state_dict(self.model, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True))
+        return self.optimizer.state_dict()
+
+    def resume(self, checkpoint: str | Path | None = None) -> int:
+        """Continue from a checkpoint (default ``<output_dir>/checkpoints/last``): policy and
+        value-head weights, optimiser, scheduler, every rank's random state, data order and
+        reward normalisation. Returns the step it continues after.
+        """
+        path = Path(checkpoint) if checkpoint else self.output_dir / "checkpoints" / LAST
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"cannot resume: {str(path)!r} is not a complete checkpoint "
+                              "(no trainer_state.json); start without --resume, or give a "
+                              "checkpoints/step-<N> folder")
+        meta = json.loads((path / "trainer_state.json").read_text())
+        for key in ("images_per_step", "samples_per_image", "seed"):
+            if key in meta and meta[key] != getattr(self.config, key):
+                raise ConfigError(f"cannot resume from {str(path)!r}: it was written with "
+                                  f"trainer.{key} {meta[key]}, the config says "
+                                  f"{getattr(self.config, key)}; resume with the run's own config")
+        if not (path / "trainable.safetensors").is_file():
+            raise ConfigError(f"cannot resume from {str(path)!r}: no trainable.safetensors "
+                              "(written by an older vlrm); start a new run from its policy")
+        state = load_state(path)
+        self._load_trainable(load_file(str(path / "trainable.safetensors")), path)
+        self._load_value_head(load_file(str(path / "value_head.safetensors")))
+        self._load_optimizer(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if isinstance(self.reward, CompositeReward) and "reward" in state:
+            self.reward.load_state_dict(state["reward"])
+        if "data" in state and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+        rng = state.get("rng", [])
+        self._resumed_rng = rng[self.world.rank] if self.world.rank < len(rng) else None
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.step = int(meta["step"])
+        return self.step
+
+    def _load_trainable(self, saved: dict[str, torch.Tensor], path: Path) -> None:
+        mine = self._named_trainable()
+        if set(saved) != set(mine):
+            raise ConfigError(f"cannot resume from {str(path)!r}: its trainable parameters are not "
+                              "the policy's (was policy.trainable or lora changed?); missing "
+                              f"{sorted(set(mine) - set(saved))[:3]}, unexpected "
+                              f"{sorted(set(saved) - set(mine))[:3]}")
+        params = (dict(self.policy.named_parameters()) if isinstance(self.policy, nn.Module)
+                  else {f"param.{i}": p for i, p in enumerate(self.policy_params)})
+        with torch.no_grad():
+            for name, value in saved.items():
+                _copy_into(params[name], value)
+
+    def _load_value_head(self, saved: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.value_head.state_dict(keep_vars=True).items():
+                _copy_into(param, saved[name])
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        if self.config.parallel == "fsdp" and self.world.distributed:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_optimizer_state_dict)
+
+            set_optimizer_state_dict(self.model, self.optimizer, state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state)
 
     def _evaluate(self, log: Any) -> None:
-        """Run the periodic evaluation; its numbers go to metrics.jsonl as ``eval/...``."""
-        metrics = self.evaluation(self.policy, self.step, self.output_dir)
-        row = {"step": self.step, **{f"eval/{k}": v for k, v in numeric(metrics).items()}}
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+        """Run the periodic evaluation on rank 0; its numbers go to metrics.jsonl as ``eval/...``."""
+        if self.world.is_main:
+            metrics = self.evaluation(self.policy, self.step, self.output_dir)
+            row = {"step": self.step, **{f"eval/{k}": v for k, v in numeric(metrics).items()}}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        self.world.barrier()
+
+    def _open_log(self) -> Any:
+        """``metrics.jsonl`` for appending (rank 0), without rows past ``self.step`` that a
+        run killed after its last checkpoint wrote; other ranks log nowhere."""
+        if not self.world.is_main:
+            return open(_devnull(), "w")
+        path = self.output_dir / "metrics.jsonl"
+        if self.step and path.is_file():
+            rows = [ln for ln in path.read_text().splitlines(keepends=True)
+                    if ln.strip() and _row_step(ln) <= self.step]
+            tmp = path.with_name(".metrics.jsonl.partial")
+            tmp.write_text("".join(rows))
+            tmp.replace(path)
+        return open(path, "a")
 
     def train(self) -> list[dict[str, float]]:
-        """Run ``max_steps`` updates, logging to ``metrics.jsonl``; returns every step's metrics."""
+        """Run updates up to ``max_steps`` (from ``self.step``, after a resume), logging to
+        ``metrics.jsonl``; returns the metrics of the steps run."""
         from tqdm.auto import tqdm
 
         cfg = self.config
-        torch.manual_seed(cfg.seed)
+        if self._resumed_rng is not None:
+            _set_rng_state(self._resumed_rng)
+        else:  # "global" sampling: each rank draws its own captions
+            torch.manual_seed(cfg.seed + self.world.rank)
+            random.seed(cfg.seed + self.world.rank)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         history = []
         batches = self._batches()
-        bar = tqdm(total=cfg.max_steps, desc="vlrm", file=sys.stderr, disable=not cfg.progress,
-                   dynamic_ncols=True)
-        with open(self.output_dir / "metrics.jsonl", "a") as log:
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="vlrm", file=sys.stderr,
+                   disable=not cfg.progress or not self.world.is_main, dynamic_ncols=True)
+        with self._open_log() as log:
             if self.evaluation is not None and self.step == 0:
                 self._evaluate(log)  # the baseline, before any update
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
-                metrics = self.train_step(next(batches))
+                try:
+                    metrics = self.train_step(next(batches))
+                except torch.OutOfMemoryError as exc:
+                    raise TrainingError(out_of_memory_message(cfg, exc)) from exc
                 self.step += 1
                 metrics = {"step": self.step, **metrics,
                            "time/step_s": time.perf_counter() - start,
@@ -200,6 +492,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/total']:.3f}",
                                 loss=f"{metrics['loss/total']:.3f}")
+                fault_point("step", self.step)  # tests kill the run here, between checkpoints
                 if self.evaluation is not None and self.evaluation.due(
                         self.step, last=self.step == cfg.max_steps):
                     self._evaluate(log)
@@ -208,3 +501,70 @@ class Trainer:
         bar.close()
         self.save()
         return history
+
+
+def out_of_memory_message(cfg: TrainerConfig, exc: BaseException) -> str:
+    """What to lower when a step runs out of device memory."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+    return (f"out of memory during a training step ({first}). Each step samples "
+            f"trainer.images_per_step x trainer.samples_per_image = {cfg.images_per_step} x "
+            f"{cfg.samples_per_image} captions per process, each up to "
+            "policy.init_args.max_new_tokens tokens: lower one of these, or set policy "
+            "init_args autocast: bfloat16 and gradient_checkpointing: true; on several GPUs, "
+            "trainer.parallel: fsdp shards the policy. The last checkpoint is intact: continue "
+            "with --resume after changing the batch knobs (images_per_step must stay the same "
+            "to resume; lower samples or tokens instead).")
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole saved tensor into a parameter, or into this rank's FSDP2 shard of it."""
+    value = value.to(param.device, param.dtype)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, param.device_mesh, param.placements)
+    param.copy_(value)
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from an FSDP2 DTensor (itself otherwise)."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random states, as tensors and plain containers (loads with
+    ``weights_only=True``)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos),
+                                       int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def _devnull() -> str:
+    import os
+
+    return os.devnull

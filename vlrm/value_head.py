@@ -9,8 +9,9 @@ from torch import nn
 class ValueHead(nn.Module):
     """MLP over the policy's last-layer hidden states: Linear(H, H') - GELU - Linear(H', 1).
 
-    Computed in float32 whatever the policy's dtype, so the value targets (sums of rewards)
-    keep their precision. The input size comes from ``Policy.hidden_size``; the head never
+    Computed in the head's own dtype (float32 unless the trainer made it float64 for a
+    float64 policy) whatever the policy's dtype, so the value targets (sums of rewards) keep
+    their precision. The input size comes from ``Policy.hidden_size``; the head never
     inspects a model config.
 
     Args:
@@ -35,10 +36,10 @@ class ValueHead(nn.Module):
             hidden: Shape: (B, T, H), any float dtype.
 
         Returns:
-            Shape: (B, T), float32.
+            Shape: (B, T), in the head's dtype (float32 by default).
         """
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"value head expects hidden size {self.hidden_size}, got {hidden.shape[-1]}"
             )
-        return self.net(hidden.float()).squeeze(-1)
+        return self.net(hidden.to(self.net[0].weight.dtype)).squeeze(-1)
