@@ -96,6 +96,10 @@ class Blip2OptPolicy(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if not max_new_tokens >= 1 or not temperature > 0 or not 0 < top_p <= 1 or not top_k >= 0:
+            raise ConfigError(
+                f"policy sampling settings out of range: max_new_tokens {max_new_tokens} (>= 1), "
+                f"temperature {temperature} (> 0), top_p {top_p} (in (0, 1]), top_k {top_k} (>= 0)")
         unknown = set(trainable) - set(PARTS)
         if unknown:
             raise ConfigError(f"policy trainable parts {sorted(unknown)} are not among {PARTS}")

@@ -34,15 +34,22 @@ def new_parser(prog: str, description: str) -> Any:
     config files given with --config (set ``parser.config_files``)."""
     from jsonargparse import ArgumentParser
 
+    files: list[str] = []  # shared with the nested parsers jsonargparse makes for subgroups
+
     class Parser(ArgumentParser):
-        config_files: list[str] = []
+        @property
+        def config_files(self) -> list[str]:
+            return files
+
+        @config_files.setter
+        def config_files(self, value: list[str]) -> None:
+            files[:] = value
 
         def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
-            where = (f" (config file: {', '.join(self.config_files)})"
-                     if self.config_files else "")
-            sys.stderr.write(f"{self.prog}: error: {_short_error(message)}{where}\n"
-                             f"Run `{self.prog} --help` for the options, or "
-                             f"`{self.prog} --config FILE --print_config` to see a resolved config.\n")
+            where = f" (config file: {', '.join(files)})" if files else ""
+            sys.stderr.write(f"{prog}: error: {_short_error(message)}{where}\n"
+                             f"Run `{prog} --help` for the options, or "
+                             f"`{prog} --config FILE --print_config` to see a resolved config.\n")
             raise SystemExit(EXIT_CONFIG)
 
     return Parser(prog=prog, description=description)
