@@ -388,15 +388,23 @@ class Blip2OptPolicy(nn.Module):
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return logp * mask
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """A transformers directory of the base architecture, plus the adapters if any.
 
         With LoRA, ``model.safetensors`` holds the un-merged base weights (so the folder
         loads with plain ``from_pretrained``) and ``lora.safetensors`` / ``lora.json`` the
         adapters; ``blip2_opt`` reads all three back. ``vlrm-export --merged`` writes a folder
         with the adapters merged in.
+
+        Args:
+            path: The folder.
+            state_dict: This policy's ``state_dict()`` (keys ``model.*``) gathered whole, when
+                its own parameters are shards (FSDP); default its current weights.
         """
-        state = self.model.state_dict()
+        if state_dict is None:
+            state = self.model.state_dict()
+        else:
+            state = {k.removeprefix("model."): v for k, v in state_dict.items()}
         with _quiet_transformers():  # the trainer's own progress bar is on screen
             self.model.save_pretrained(path, state_dict=without_adapters(state))
             self.processor.save_pretrained(path)

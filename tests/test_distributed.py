@@ -20,11 +20,13 @@ WORKER = Path(__file__).resolve().parent / "distributed" / "worker.py"
 pytestmark = pytest.mark.slow
 
 
-def torchrun(nproc: int, *args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def torchrun(nproc: int, *args: str, extra_env: dict | None = None,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(extra_env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_worker(tmp_path: Path, name: str, nproc: int, *extra: str) -> tuple[dict, dict]:
@@ -60,10 +62,20 @@ def test_two_ranks_with_half_batches_match_one_rank(one_rank, tmp_path, parallel
     assert all(single[f"loss/{s}"].abs() > 0 for s in range(3))
 
 
-def test_torchrun_runs_the_tiny_config_on_two_processes(tmp_path):
+def test_fsdp_ranks_that_sample_different_lengths_do_not_deadlock(tmp_path):
+    # Rank 0 samples at most 3 tokens, rank 1 at most 7: under FSDP the layers' gathers
+    # would pair up wrongly if sampling gathered layer by layer.
+    _, meta = run_worker(tmp_path, "uneven", 2, "fsdp", "uneven")
+    lengths = [[len(c.split()) for c in step] for step in meta["captions"]]
+    assert max(max(step[4:]) for step in lengths) > max(max(step[:4]) for step in lengths)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_runs_the_tiny_config_on_two_processes(tmp_path, parallel):
     out = tmp_path / "run"
     proc = torchrun(2, "-m", "vlrm.cli", "--config", "configs/tiny.yaml",
                     "--trainer.max_steps", "3", "--trainer.save_every", "2",
+                    "--trainer.parallel", parallel,
                     "--trainer.progress", "false", "--output_dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("3 steps done") == 1  # rank 0 alone reports and writes
@@ -73,3 +85,25 @@ def test_torchrun_runs_the_tiny_config_on_two_processes(tmp_path):
     meta = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert meta["step"] == 3 and meta["world_size"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "step-2", "step-3"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_run_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, parallel):
+    def launch(out, *extra, kill_at=None):
+        return torchrun(2, "-m", "vlrm.cli", "--config", "configs/tiny.yaml",
+                        "--trainer.max_steps", "4", "--trainer.save_every", "2",
+                        "--trainer.parallel", parallel, "--trainer.progress", "false",
+                        "--output_dir", str(out), *extra,
+                        extra_env={"VLRM_KILL_AT": kill_at} if kill_at else None)
+
+    assert launch(tmp_path / "reference").returncode == 0
+    killed = launch(tmp_path / "run", kill_at="step:3")  # every rank dies at step 3
+    assert killed.returncode != 0
+    resumed = launch(tmp_path / "run", "--resume", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step 2" in resumed.stdout
+    for name in ("trainable.safetensors", "value_head.safetensors", "policy/model.safetensors"):
+        expected = load_file(str(tmp_path / "reference" / "checkpoints" / "last" / name))
+        got = load_file(str(tmp_path / "run" / "checkpoints" / "last" / name))
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name

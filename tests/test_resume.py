@@ -95,9 +95,28 @@ def test_resume_without_a_checkpoint_starts_at_step_zero(tmp_path):
     assert [r["step"] for r in metric_rows(tmp_path / "fresh")] == [1]
 
 
-def test_resume_with_a_different_batch_size_is_refused(tmp_path):
+class Exploit:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_changed_batch_size_and_a_checkpoint_that_unpickles_code(tmp_path):
     out = tmp_path / "run"
     assert vlrm_run(out, "--trainer.max_steps", "2").returncode == 0
     proc = vlrm_run(out, "--resume", "true", "--trainer.images_per_step", "2")
     assert proc.returncode == 2
     assert "images_per_step" in proc.stderr and "Traceback" not in proc.stderr
+
+    marker = tmp_path / "pwned"
+    state = out / "checkpoints" / "last" / "trainer_state.pt"
+    torch.save({"optimizer": Exploit(marker)}, state)
+    proc = vlrm_run(out, "--resume", "true")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "refused" in proc.stderr and "trainer_state.pt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()  # nothing in the file ran

@@ -143,7 +143,9 @@ def safe_load(path: str | Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module
+        # ... is blocked", depending on the module.
+        code = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
         if code:
             raise ConfigError(
                 f"{where} was refused: loading it would unpickle Python code ({code.group(1)}). "

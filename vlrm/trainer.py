@@ -188,16 +188,30 @@ class Trainer:
 
     @contextlib.contextmanager
     def _gathered(self) -> Iterator[None]:
-        """Whole parameters while sampling and scoring outside the wrapped forward: FSDP2
-        keeps each rank's shard only, so gather them for the block (a no-op otherwise)."""
-        sharded = self.world.distributed and self.config.parallel == "fsdp"
-        if sharded:
-            self.model.unshard()
+        """Whole parameters for sampling, scoring and evaluating outside the wrapped forward.
+
+        FSDP2 keeps each rank's shard only and gathers a layer in its forward, a collective
+        call; but ranks sample different numbers of tokens (each stops when its own captions
+        end), so layer-by-layer gathering would pair mismatched calls. Every FSDP unit is
+        gathered once for the block instead, with resharding after forward off, and resharded
+        after it (the block then holds the whole policy, as one process would). A no-op
+        without FSDP.
+        """
+        if not self._fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
         try:
             yield
         finally:
-            if sharded:
-                self.model.reshard()
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(True, recurse=False)
 
     def _say(self, message: str) -> None:
         if self.world.is_main:
@@ -212,6 +226,10 @@ class Trainer:
                               f"torch.nn.Module; {type(self.policy).__name__} is not")
         if self.config.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
+
+            if "state_dict" not in inspect.signature(self.policy.save_pretrained).parameters:
+                raise ConfigError(f"trainer.parallel fsdp needs a policy whose save_pretrained "
+                                  f"takes state_dict; {type(self.policy).__name__}'s does not")
 
             units = getattr(self.policy, "fsdp_units", lambda: [])()
             for unit in units:
@@ -317,13 +335,18 @@ class Trainer:
             return self.data.batches(n, seed=seed, start=self.step)
         return itertools.islice(self.data.batches(n, seed=seed), self.step, None)
 
-    def _named_trainable(self) -> dict[str, torch.Tensor]:
-        """The policy's trainable tensors by name (``param.<i>`` for a non-module policy)."""
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        """The policy's trainable parameters by name (``param.<i>`` for a non-module policy)."""
         if isinstance(self.policy, nn.Module):
-            named = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
-        else:
-            named = {f"param.{i}": p for i, p in enumerate(self.policy_params)}
-        return {n: _full(p.detach()) for n, p in named.items()}
+            return {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+        return {f"param.{i}": p for i, p in enumerate(self.policy_params)}
+
+    def _trainable_names(self) -> list[str]:
+        return list(self._trainable())
+
+    def _named_trainable(self) -> dict[str, torch.Tensor]:
+        """The policy's trainable tensors by name, whole (a collective call under FSDP)."""
+        return {n: _full(p.detach()) for n, p in self._trainable().items()}
 
     def value_head_state(self) -> dict[str, torch.Tensor]:
         """The value head's weights as plain tensors (whole, also under FSDP)."""
@@ -332,14 +355,39 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank must call it)."""
         rng = self.world.all_gather_object(_rng_state())
-        trainable, value_head = self._named_trainable(), self.value_head_state()
-        optimizer = self._optimizer_state()
-        if not self.world.is_main:
-            self.world.barrier()
-            return None
+        optimizer = self._optimizer_state()  # collective under FSDP
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+            full = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))  # whole tensors on rank 0 only
+            policy_state = {k.removeprefix("policy."): v for k, v in full.items()
+                            if k.startswith("policy.")}
+            value_head = {k.removeprefix("value_head."): v for k, v in full.items()
+                          if k.startswith("value_head.")}
+            trainable = {n: policy_state[n] for n in self._trainable_names()} if full else {}
+        else:
+            policy_state, value_head = None, self.value_head_state()
+            trainable = self._named_trainable()
+        final = None
+        if self.world.is_main:
+            final = self._write(trainable, value_head, optimizer, rng, policy_state)
+        self.world.barrier()
+        return final
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.world.distributed and self.config.parallel == "fsdp"
+
+    def _write(self, trainable: dict[str, torch.Tensor], value_head: dict[str, torch.Tensor],
+               optimizer: dict[str, Any], rng: list[dict[str, Any]],
+               policy_state: dict[str, torch.Tensor] | None) -> Path:
+        """Write the checkpoint folder atomically (rank 0) from the states gathered by ``save``."""
         def write(path: Path) -> None:
-            self.policy.save_pretrained(str(path / "policy"))
+            if policy_state is None:
+                self.policy.save_pretrained(str(path / "policy"))
+            else:  # FSDP: the parameters are sharded; write the gathered whole tensors
+                self.policy.save_pretrained(str(path / "policy"), state_dict=policy_state)
             fault_point("save", self.step)  # tests kill the run here, mid-checkpoint
             save_file({k: v.contiguous() for k, v in trainable.items()},
                       str(path / "trainable.safetensors"))
@@ -358,13 +406,11 @@ class Trainer:
                                      "samples_per_image": self.config.samples_per_image,
                                      "seed": self.config.seed})
 
-        final = write_checkpoint(self.output_dir / "checkpoints", self.step, write,
-                                 keep_last=self.config.keep_last)
-        self.world.barrier()
-        return final
+        return write_checkpoint(self.output_dir / "checkpoints", self.step, write,
+                                keep_last=self.config.keep_last)
 
     def _optimizer_state(self) -> dict[str, Any]:
-        if self.config.parallel == "fsdp" and self.world.distributed:
+        if self._fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  get_optimizer_state_dict)
 
@@ -407,14 +453,13 @@ class Trainer:
         return self.step
 
     def _load_trainable(self, saved: dict[str, torch.Tensor], path: Path) -> None:
-        mine = self._named_trainable()
-        if set(saved) != set(mine):
+        mine = set(self._trainable_names())
+        if set(saved) != mine:
             raise ConfigError(f"cannot resume from {str(path)!r}: its trainable parameters are not "
                               "the policy's (was policy.trainable or lora changed?); missing "
                               f"{sorted(set(mine) - set(saved))[:3]}, unexpected "
                               f"{sorted(set(saved) - set(mine))[:3]}")
-        params = (dict(self.policy.named_parameters()) if isinstance(self.policy, nn.Module)
-                  else {f"param.{i}": p for i, p in enumerate(self.policy_params)})
+        params = self._trainable()
         with torch.no_grad():
             for name, value in saved.items():
                 _copy_into(params[name], value)
@@ -425,7 +470,7 @@ class Trainer:
                 _copy_into(param, saved[name])
 
     def _load_optimizer(self, state: dict[str, Any]) -> None:
-        if self.config.parallel == "fsdp" and self.world.distributed:
+        if self._fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  set_optimizer_state_dict)
 
@@ -436,12 +481,13 @@ class Trainer:
 
     def _evaluate(self, log: Any) -> None:
         """Run the periodic evaluation on rank 0; its numbers go to metrics.jsonl as ``eval/...``."""
-        if self.world.is_main:
-            metrics = self.evaluation(self.policy, self.step, self.output_dir)
-            row = {"step": self.step, **{f"eval/{k}": v for k, v in numeric(metrics).items()}}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        self.world.barrier()
+        with self._gathered():
+            if self.world.is_main:
+                metrics = self.evaluation(self.policy, self.step, self.output_dir)
+                row = {"step": self.step, **{f"eval/{k}": v for k, v in numeric(metrics).items()}}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            self.world.barrier()
 
     def _open_log(self) -> Any:
         """``metrics.jsonl`` for appending (rank 0), without rows past ``self.step`` that a

@@ -23,7 +23,7 @@ from vlrm_plugins.text_penalties import RepetitionPenalty
 STEPS = 3
 
 
-def main(out: str, parallel: str = "ddp") -> None:
+def main(out: str, parallel: str = "ddp", uneven: str = "") -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # as torchrun sets it: the same summation order in every run
     # Models first, as vlrm-run does: once the process group exists, transformers'
@@ -47,6 +47,8 @@ def main(out: str, parallel: str = "ddp") -> None:
                            progress=False)
     trainer = Trainer(policy, reward, bundled_photos(), config, Path(out).parent / "run",
                       world=world)
+    if uneven:  # ranks sample different numbers of tokens (as ranks whose captions end apart do)
+        policy.max_new_tokens = 3 + 4 * world.rank
     batches = trainer._batches()
     record, captions = {}, []
     for step in range(STEPS):
