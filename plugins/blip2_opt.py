@@ -96,7 +96,9 @@ class Blip2OptPolicy(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if not max_new_tokens >= 1 or not temperature > 0 or not 0 < top_p <= 1 or not top_k >= 0:
+        numbers = (max_new_tokens, temperature, top_p, top_k)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or \
+                not max_new_tokens >= 1 or not temperature > 0 or not 0 < top_p <= 1 or not top_k >= 0:
             raise ConfigError(
                 f"policy sampling settings out of range: max_new_tokens {max_new_tokens} (>= 1), "
                 f"temperature {temperature} (> 0), top_p {top_p} (in (0, 1]), top_k {top_k} (>= 0)")

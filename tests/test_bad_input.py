@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
+from policy_wrappers import PolicyWrapper
 
 from vlrm.data import ImageFolder
 from vlrm.trainer import Trainer, TrainerConfig
@@ -46,25 +47,16 @@ def write_folder(root: Path) -> tuple[set[str], set[str]]:
     return {str(root / n) for n in good}, {str(root / n) for n in bad}
 
 
-class Recording:
+class Recording(PolicyWrapper):
     """The real policy; records the image ids each rollout was sampled for."""
 
     def __init__(self, policy) -> None:
-        self.inner, self.seen = policy, []
-        self.hidden_size = policy.hidden_size
+        super().__init__(policy)
+        self.seen = []
 
     def sample(self, images, image_ids, num_samples):
         self.seen.append(list(image_ids))
         return self.inner.sample(images, image_ids, num_samples)
-
-    def evaluate(self, rollout):
-        return self.inner.evaluate(rollout)
-
-    def trainable_parameters(self):
-        return self.inner.trainable_parameters()
-
-    def save_pretrained(self, path):
-        self.inner.save_pretrained(path)
 
 
 @pytest.mark.slow

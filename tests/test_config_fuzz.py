@@ -34,7 +34,8 @@ WRONG = {
     ("trainer", "keep_last"): [-1, "all"],
     ("trainer", "progress"): ["maybe", [True], 7],
     ("reward", "terms"): [[], "clip", 5, {}],
-    ("reward", "terms", "clip", "weight"): ["heavy", [1], {}, None],
+    ("reward", "terms", "clip", "weight"): ["heavy", [1], {}, None, NAN, float("inf")],
+    ("reward", "terms", "clip", "normalize"): ["yes please", 3, None],
     ("reward", "terms", "clip", "reward"): ["clip", 3, [], {"class_path": "no.such.Reward"},
                                             {"init_args": {"seed": 1}}],
     ("reward", "terms", "clip", "reward", "init_args", "seed"): ["one", [1]],
@@ -83,8 +84,11 @@ missing_key = st.sampled_from(REQUIRED).map(lambda path: yaml.safe_dump(_delete(
 not_a_mapping = st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=20),
                           st.none()).map(yaml.safe_dump)
 _TEXT = yaml.safe_dump(BASE)
-_SAFE_TO_BREAK = [i for i in range(len(_TEXT))
-                  if "output_dir" not in _TEXT[_TEXT.rfind("\n", 0, i) + 1:_TEXT.find("\n", i)]]
+# Free-form names stay valid with any character in them: the output folder and the reward
+# term's name ("c[lip" is a term like any other). Break the text anywhere else.
+_FREE_FORM = ("output_dir:", "clip:")
+_SAFE_TO_BREAK = [i for i in range(len(_TEXT)) if not _TEXT[
+    _TEXT.rfind("\n", 0, i) + 1:_TEXT.find("\n", i)].strip().startswith(_FREE_FORM)]
 broken_syntax = st.tuples(st.sampled_from(_SAFE_TO_BREAK), st.sampled_from(["[", "{", "'", '"', "@", "`"])
                           ).map(lambda t: _TEXT[:t[0]] + t[1] + _TEXT[t[0]:])
 garbage = st.binary(min_size=1, max_size=64).map(lambda b: b.decode("latin-1"))
@@ -100,10 +104,8 @@ def never_train(monkeypatch):
     monkeypatch.setattr(Trainer, "train", refuse)
 
 
-@pytest.mark.slow
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=malformed)
-def test_malformed_config_files_exit_2_with_a_message_and_no_traceback(text):
+def run_config(text: str) -> tuple[object, str]:
+    """Exit status and stderr of ``vlrm-run --config <a file holding text>``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogateescape")
@@ -113,7 +115,26 @@ def test_malformed_config_files_exit_2_with_a_message_and_no_traceback(text):
                 status = run(["--config", str(path), "--output_dir", str(Path(tmp) / "out")])
             except SystemExit as exc:
                 status = exc.code
-    message = err.getvalue()
+    return status, err.getvalue()
+
+
+def assert_refused(text: str) -> None:
+    status, message = run_config(text)
     assert status == 2, (text, message)
     assert message.startswith("vlrm-run: error: ") and "Traceback" not in message, message
     assert len(message.strip().splitlines()) <= 12, message
+
+
+@pytest.mark.slow
+@settings(max_examples=120, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=malformed)
+def test_malformed_config_files_exit_2_with_a_message_and_no_traceback(text):
+    assert_refused(text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path, value", [(p, v) for p in sorted(WRONG, key=str) for v in WRONG[p]],
+                         ids=lambda x: ".".join(x) if isinstance(x, tuple) else repr(x)[:20])
+def test_every_listed_wrong_value_exits_2(path, value):
+    assert_refused(yaml.safe_dump(_set(BASE, path, value)))

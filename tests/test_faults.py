@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from policy_wrappers import PolicyWrapper
 
 from vlrm.cli import run
 from vlrm.errors import TrainingError
@@ -117,23 +118,11 @@ def test_too_many_nonfinite_updates_in_a_row_stop_the_run_with_advice(
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-class OutOfMemoryPolicy:
-    """Wraps the real policy; sampling raises the error a GPU raises when memory runs out."""
-
-    def __init__(self, policy) -> None:
-        self.inner, self.hidden_size = policy, policy.hidden_size
+class OutOfMemoryPolicy(PolicyWrapper):
+    """The real policy, whose sampling raises the error a GPU raises when memory runs out."""
 
     def sample(self, images, image_ids, num_samples):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    def evaluate(self, rollout):
-        return self.inner.evaluate(rollout)
-
-    def trainable_parameters(self):
-        return self.inner.trainable_parameters()
-
-    def save_pretrained(self, path):
-        self.inner.save_pretrained(path)
 
 
 def test_out_of_memory_names_the_knobs_to_lower(tiny_policy_factory, tiny_clip, tmp_path):

@@ -31,6 +31,15 @@ class RewardTerm:
     normalize: bool = False
     clip: float = 0.0
 
+    def __attrs_post_init__(self) -> None:
+        for key in ("weight", "clip"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value \
+                    or abs(value) == float("inf"):
+                raise ConfigError(f"reward term {key} must be a finite number, got {value!r}")
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"reward term normalize must be true or false, got {self.normalize!r}")
+
 
 class RunningMoments:
     """Running mean and variance of a stream of scores (Chan et al.'s parallel update).

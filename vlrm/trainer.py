@@ -102,14 +102,18 @@ class TrainerConfig:
                     "keep_last": 0}
         for key, low in at_least.items():
             value = getattr(self, key)
-            if not value >= low:  # also catches NaN
-                raise ConfigError(f"trainer.{key} must be >= {low}, got {value}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"trainer.gamma must be in [0, 1], got {self.gamma}")
+            if not _is_number(value) or not value >= low:  # also catches NaN and null
+                raise ConfigError(f"trainer.{key} must be a number >= {low}, got {value!r}")
+        if not _is_number(self.gamma) or not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"trainer.gamma must be in [0, 1], got {self.gamma!r}")
         for key, allowed in (("sample_seeding", SEEDINGS), ("parallel", PARALLEL)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"trainer.{key} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, key)!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class ActorCritic(nn.Module):
