@@ -288,3 +288,20 @@ def test_load_state_refuses_pickled_code(tmp_path):
 def test_load_state_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_state(tmp_path)
+
+
+def test_a_killed_resave_is_put_back_and_partial_folders_removed(tmp_path):
+    from vlrm.checkpoint import clean_leftovers
+
+    ckpt = tmp_path / "checkpoints"
+    write_checkpoint(ckpt, 2, lambda p: (p / "weights.bin").write_bytes(b"good"))
+    # Killed between moving step-2 aside and renaming its new copy into place:
+    os.replace(ckpt / "step-2", ckpt / ".step-2.stale-999")
+    (ckpt / ".step-2.partial-999").mkdir()
+    (ckpt / ".step-3.partial-998").mkdir()
+    assert not (ckpt / "last").exists()  # `last` dangles
+
+    clean_leftovers(ckpt)
+
+    assert (ckpt / "last" / "weights.bin").read_bytes() == b"good"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last", "step-2"]

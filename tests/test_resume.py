@@ -89,6 +89,9 @@ def test_resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run(tmp_path)
 
 
 def test_resume_without_a_checkpoint_starts_at_step_zero(tmp_path):
+    # What a run killed before its first checkpoint leaves: rows, the last one half-written.
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "metrics.jsonl").write_text('{"step": 1, "loss/total": 9}\n{"step": 2, "lo')
     proc = vlrm_run(tmp_path / "fresh", "--resume", "true", "--trainer.max_steps", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no checkpoint" in proc.stdout

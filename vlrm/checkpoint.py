@@ -83,10 +83,7 @@ def write_checkpoint(checkpoints: Path, step: int, write: Callable[[Path], None]
         link_tmp.unlink()
     link_tmp.symlink_to(final.name)
     os.replace(link_tmp, checkpoints / LAST)
-    # Leftovers of saves that a killed process never finished: `last` never named them.
-    for leftover in checkpoints.glob(".step-*"):
-        if ".partial-" in leftover.name or ".stale-" in leftover.name:
-            shutil.rmtree(leftover, ignore_errors=True)
+    clean_leftovers(checkpoints)
     if keep_last > 0:
         # Never prune the checkpoint just written, even when an earlier run in this folder
         # left checkpoints of higher step numbers.
@@ -94,6 +91,19 @@ def write_checkpoint(checkpoints: Path, step: int, write: Callable[[Path], None]
         for old in others[:max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old)
     return final
+
+
+def clean_leftovers(checkpoints: Path) -> None:
+    """Tidy what killed saves left: ``.step-<N>.partial-*`` folders (never named by ``last``)
+    are removed; a ``.step-<N>.stale-*`` folder is the complete old copy of a step whose
+    re-save was killed between two renames: put back if ``step-<N>`` is missing, else removed.
+    Only rank 0 of one run writes a checkpoints folder, so nothing here is in progress."""
+    for leftover in sorted(checkpoints.glob(".step-*")):
+        step, _, kind = leftover.name[len(".step-"):].partition(".")
+        if kind.startswith("stale-") and step.isdigit() and not step_dir(checkpoints, int(step)).exists():
+            os.replace(leftover, step_dir(checkpoints, int(step)))
+        elif kind.startswith(("partial-", "stale-")):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def list_checkpoints(checkpoints: Path) -> list[Path]:

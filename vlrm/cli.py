@@ -108,43 +108,74 @@ def run(argv: list[str] | None = None) -> int:
     parser.config_files = files
     cfg = parser.parse_args(argv)
     output_dir = Path(cfg.output_dir)
+    from vlrm.distributed import from_environment, shutdown, use_local_device
+
+    use_local_device()  # under torchrun, `device: cuda` is this rank's GPU
     try:
         init = parser.instantiate(cfg)
     except Exception as exc:  # building the configured objects: whatever fails is the config's
         return _config_failure(exc, files)
-    from vlrm.distributed import from_environment, shutdown
     from vlrm.errors import TrainingError
     from vlrm.trainer import Trainer
 
-    world = None
+    world, ok = None, False
     try:
         world = from_environment()
-        if world.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "config.yaml").write_text(parser.dump(cfg))
         trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir,
                           evaluation=init.get("eval"), world=world)
         if cfg.resume:
-            if (output_dir / "checkpoints" / "last").exists():
-                step = trainer.resume()
-                _say(world, f"vlrm-run: resuming after step {step} from "
-                            f"{output_dir / 'checkpoints' / 'last'}")
-            else:
-                _say(world, f"vlrm-run: --resume: no checkpoint in {output_dir / 'checkpoints'} "
-                            "yet; starting at step 0")
+            _resume(trainer, world, output_dir)
+        if world.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "config.yaml").write_text(parser.dump(cfg))
         trainer.train()
+        ok = True
     except ConfigError as exc:
-        sys.stderr.write(f"vlrm-run: error: {exc}\n")
+        _error(f"vlrm-run: error: {exc}")
         return EXIT_CONFIG
     except TrainingError as exc:
-        sys.stderr.write(f"vlrm-run: stopped: {exc}\n")
+        _error(f"vlrm-run: stopped: {exc}")
         return 1
     finally:
         if world is not None:
-            shutdown(world)
+            shutdown(world, ok)
     _say(world, f"vlrm-run: {trainer.step} steps done; outputs in {output_dir}, "
                 f"newest checkpoint {output_dir / 'checkpoints' / 'last'}")
     return 0
+
+
+def _resume(trainer: Any, world: Any, output_dir: Path) -> None:
+    """--resume: continue from checkpoints/last, or start at step 0 when there is none.
+    Rank 0's view decides; a rank that cannot see that checkpoint is an error."""
+    from vlrm.checkpoint import clean_leftovers
+
+    last = output_dir / "checkpoints" / "last"
+    if world.is_main and last.parent.is_dir():
+        clean_leftovers(last.parent)  # e.g. puts back a step whose re-save was killed
+    if last.is_symlink() and not last.exists():
+        raise ConfigError(f"{str(last)!r} points at {str(last.readlink())!r}, which is missing: "
+                          f"resume from one of the checkpoints/step-<N> folders with "
+                          "--resume true after pointing `last` at it, or start a new output_dir")
+    found = world.all_gather_object(last.exists())
+    if found[0] and not all(found):
+        raise ConfigError(f"{str(last)!r} exists on rank 0 but not on ranks "
+                          f"{[r for r, f in enumerate(found) if not f]}: put output_dir on a "
+                          "filesystem every process sees")
+    if found[0]:
+        step = trainer.resume()
+        _say(world, f"vlrm-run: resuming after step {step} from {last}")
+    else:
+        trainer.truncate_log = True  # rows a killed run wrote before its first checkpoint
+        _say(world, f"vlrm-run: --resume: no checkpoint in {output_dir / 'checkpoints'} yet; "
+                    "starting at step 0")
+
+
+def _error(message: str) -> None:
+    """An error message, from rank 0 only under torchrun (every rank hits the same one)."""
+    from vlrm.distributed import is_main_process
+
+    if is_main_process():
+        sys.stderr.write(message + "\n")
 
 
 def _say(world: Any, message: str) -> None:
@@ -158,6 +189,10 @@ def _config_failure(exc: Exception, files: list[str]) -> int:
     import os
     import traceback
 
+    from vlrm.distributed import is_main_process
+
+    if not is_main_process():
+        return EXIT_CONFIG
     where = f" (config file: {', '.join(files)})" if files else ""
     if isinstance(exc, ConfigError):
         message = str(exc)

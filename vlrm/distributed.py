@@ -99,11 +99,18 @@ class World:
             dist.barrier()
 
 
+def use_local_device() -> None:
+    """Make ``cuda`` mean this rank's GPU (``LOCAL_RANK``) before any model is built, so that
+    a config saying ``device: cuda`` puts each rank's copy on its own GPU. No-op without CUDA."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(_default_device(int(os.environ["LOCAL_RANK"])))
+
+
 def from_environment() -> World:
     """The world torchrun describes in the environment, or a single process.
 
-    Initialises the default process group (nccl when CUDA is available, else gloo) the
-    first time it is called under torchrun.
+    Initialises the default process group the first time it is called under torchrun:
+    gloo for CPU tensors, plus nccl for CUDA tensors when there is a GPU.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
@@ -115,11 +122,17 @@ def from_environment() -> World:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = _default_device(local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            backend = "cpu:gloo,cuda:nccl"  # metrics and seeds are CPU tensors
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     return World(rank=rank, size=size, local_rank=local_rank, device=device)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single process (from the environment alone)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _default_device(local_rank: int) -> torch.device:
@@ -128,10 +141,12 @@ def _default_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def shutdown(world: World) -> None:
-    """Leave the process group. The barrier first: without it gloo can abort rank 0 while a
-    peer is still tearing down ("terminate called without an active exception")."""
-    if world.distributed and dist.is_initialized():
+def shutdown(world: World, ok: bool = True) -> None:
+    """Leave the process group. After a successful run, a barrier first: without it gloo
+    can abort rank 0 while a peer is still tearing down ("terminate called without an
+    active exception"). After a failure, no barrier (the peers may be waiting in another
+    collective): the process exits and torchrun stops the others."""
+    if world.distributed and dist.is_initialized() and ok:
         dist.barrier()
         dist.destroy_process_group()
 

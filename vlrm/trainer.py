@@ -160,7 +160,8 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.policy_params = list(policy.trainable_parameters())
         if not self.policy_params:
-            raise ValueError("the policy has no trainable parameters")
+            raise ConfigError(f"the policy {type(policy).__name__} has no trainable parameters: "
+                              "check its `trainable` setting")
         device, dtype = self.policy_params[0].device, self.policy_params[0].dtype
         self.value_head = ValueHead(policy.hidden_size, config.value_hidden).to(
             device, torch.float64 if dtype == torch.float64 else torch.float32)
@@ -172,6 +173,8 @@ class Trainer:
         bind_if_policy_aware(reward, policy)  # before wrapping: a snapshot of the initial policy
         if isinstance(reward, CompositeReward):
             reward.gather_statistics_with(self.world.all_gather)
+        # Before wrapping too: FSDP turns the towers' weights into shards that cannot be hashed.
+        self.shared_towers = share_frozen_towers(policy, reward)
         self.model = self._wrap(ActorCritic(policy, self.value_head, config.value_detach))
         self.policy_params = list(policy.trainable_parameters())  # FSDP replaces parameters
         self.optimizer = torch.optim.AdamW(
@@ -181,7 +184,6 @@ class Trainer:
         warmup = max(config.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        self.shared_towers = share_frozen_towers(policy, reward)
         for name, size in self.shared_towers.items():
             self._say(f"vlrm: reward {name} is the policy's frozen copy (identical weights): "
                       f"{size / 2**20:.1f} MiB not held twice")
@@ -189,6 +191,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self._resumed_rng: dict[str, Any] | None = None
         self.last_captions: list[str] = []
+        self.truncate_log = False  # set by resume: drop metrics rows after the checkpoint
 
     @contextlib.contextmanager
     def _gathered(self) -> Iterator[None]:
@@ -406,6 +409,8 @@ class Trainer:
             save_state(path, state, {"step": self.step, "hidden_size": self.policy.hidden_size,
                                      "value_hidden": self.config.value_hidden,
                                      "world_size": self.world.size,
+                                     "parallel": self.config.parallel if self.world.distributed
+                                     else "none",
                                      "images_per_step": self.config.images_per_step,
                                      "samples_per_image": self.config.samples_per_image,
                                      "seed": self.config.seed})
@@ -418,8 +423,8 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  get_optimizer_state_dict)
 
-            return get_optimizer_state_dict(self.model, self.optimizer,
-                                             options=StateDictOptions(full_state_dict=True))
+            return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
@@ -433,15 +438,30 @@ class Trainer:
                               "(no trainer_state.json); start without --resume, or give a "
                               "checkpoints/step-<N> folder")
         meta = json.loads((path / "trainer_state.json").read_text())
-        for key in ("images_per_step", "samples_per_image", "seed"):
+        for key in ("images_per_step", "samples_per_image", "seed", "value_hidden"):
             if key in meta and meta[key] != getattr(self.config, key):
                 raise ConfigError(f"cannot resume from {str(path)!r}: it was written with "
                                   f"trainer.{key} {meta[key]}, the config says "
                                   f"{getattr(self.config, key)}; resume with the run's own config")
+        if meta.get("hidden_size", self.policy.hidden_size) != self.policy.hidden_size:
+            raise ConfigError(f"cannot resume from {str(path)!r}: its policy has hidden size "
+                              f"{meta['hidden_size']}, the configured one {self.policy.hidden_size}")
+        parallel = self.config.parallel if self.world.distributed else "none"
+        if "fsdp" in (parallel, meta.get("parallel", "none")) and meta.get("parallel") != parallel:
+            raise ConfigError(f"cannot resume from {str(path)!r}: written with parallel "
+                              f"{meta.get('parallel')!r}, now {parallel!r}; the optimiser state of "
+                              "FSDP and of DDP or one process are stored differently")
+        if meta.get("world_size", 1) != self.world.size and self.config.sample_seeding == "global":
+            self._say(f"vlrm: resuming on {self.world.size} processes a run written on "
+                      f"{meta.get('world_size', 1)}: with sample_seeding global the captions "
+                      "drawn from here on differ from the uninterrupted run's")
         if not (path / "trainable.safetensors").is_file():
             raise ConfigError(f"cannot resume from {str(path)!r}: no trainable.safetensors "
                               "(written by an older vlrm); start a new run from its policy")
-        state = load_state(path)
+        try:
+            state = load_state(path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"cannot resume from {str(path)!r}: {exc}") from exc
         self._load_trainable(load_file(str(path / "trainable.safetensors")), path)
         self._load_value_head(load_file(str(path / "value_head.safetensors")))
         self._load_optimizer(state["optimizer"])
@@ -454,6 +474,7 @@ class Trainer:
         self._resumed_rng = rng[self.world.rank] if self.world.rank < len(rng) else None
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.step = int(meta["step"])
+        self.truncate_log = True
         return self.step
 
     def _load_trainable(self, saved: dict[str, torch.Tensor], path: Path) -> None:
@@ -499,9 +520,11 @@ class Trainer:
         if not self.world.is_main:
             return open(_devnull(), "w")
         path = self.output_dir / "metrics.jsonl"
-        if self.step and path.is_file():
+        if self.truncate_log and path.is_file():
+            # Rows up to the checkpoint stay (its step's evaluation ran before its save); at
+            # step 0 the baseline evaluation runs again, so nothing stays.
             rows = [ln for ln in path.read_text().splitlines(keepends=True)
-                    if ln.strip() and _row_step(ln) <= self.step]
+                    if 0 <= _row_step(ln) <= self.step and self.step > 0]
             tmp = path.with_name(".metrics.jsonl.partial")
             tmp.write_text("".join(rows))
             tmp.replace(path)
@@ -531,7 +554,7 @@ class Trainer:
                 try:
                     metrics = self.train_step(next(batches))
                 except torch.OutOfMemoryError as exc:
-                    raise TrainingError(out_of_memory_message(cfg, exc)) from exc
+                    raise TrainingError(out_of_memory_message(cfg, exc, self.world)) from exc
                 self.step += 1
                 metrics = {"step": self.step, **metrics,
                            "time/step_s": time.perf_counter() - start,
@@ -553,17 +576,18 @@ class Trainer:
         return history
 
 
-def out_of_memory_message(cfg: TrainerConfig, exc: BaseException) -> str:
+def out_of_memory_message(cfg: TrainerConfig, exc: BaseException, world: World) -> str:
     """What to lower when a step runs out of device memory."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+    per_rank = cfg.images_per_step // world.size
     return (f"out of memory during a training step ({first}). Each step samples "
-            f"trainer.images_per_step x trainer.samples_per_image = {cfg.images_per_step} x "
-            f"{cfg.samples_per_image} captions per process, each up to "
-            "policy.init_args.max_new_tokens tokens: lower one of these, or set policy "
-            "init_args autocast: bfloat16 and gradient_checkpointing: true; on several GPUs, "
-            "trainer.parallel: fsdp shards the policy. The last checkpoint is intact: continue "
-            "with --resume after changing the batch knobs (images_per_step must stay the same "
-            "to resume; lower samples or tokens instead).")
+            f"{per_rank} images x trainer.samples_per_image {cfg.samples_per_image} captions per "
+            "process, each up to policy.init_args.max_new_tokens tokens. Without changing the run: "
+            "set policy init_args autocast: bfloat16 and gradient_checkpointing: true, or lower "
+            "max_new_tokens, and continue with --resume (the last checkpoint is intact). "
+            "Otherwise start a new run with a lower trainer.images_per_step or "
+            "trainer.samples_per_image, or, on several GPUs, trainer.parallel: fsdp to shard the "
+            "policy (a run cannot resume with other batch settings or another parallel mode).")
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -608,10 +632,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _row_step(line: str) -> int:
+    """The step of a metrics.jsonl row; -1 for a line a killed run left half-written."""
     try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return 0
+        return int(json.loads(line)["step"]) if line.endswith("\n") else -1
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return -1
 
 
 def _devnull() -> str:
