@@ -33,7 +33,7 @@ from attrs import frozen
 
 from vlrm import hookimpl
 from vlrm.checkpoint import find_policy_dir, safe_load
-from vlrm.errors import ConfigError
+from vlrm.errors import ConfigError, is_real
 from vlrm.sampling import decode_shared_prefix, policy_log_softmax
 from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
@@ -97,8 +97,7 @@ class Blip2OptPolicy(nn.Module):
     ) -> None:
         super().__init__()
         numbers = (max_new_tokens, temperature, top_p, top_k)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or \
-                not max_new_tokens >= 1 or not temperature > 0 or not 0 < top_p <= 1 or not top_k >= 0:
+        if not all(map(is_real, numbers)) or not max_new_tokens >= 1 or not temperature > 0 or not 0 < top_p <= 1 or not top_k >= 0:
             raise ConfigError(
                 f"policy sampling settings out of range: max_new_tokens {max_new_tokens} (>= 1), "
                 f"temperature {temperature} (> 0), top_p {top_p} (in (0, 1]), top_k {top_k} (>= 0)")

@@ -1,4 +1,18 @@
-"""Errors a user can cause and fix; the CLI turns them into a short message and exit 2."""
+"""Errors a user can cause and fix; the CLI turns them into a short message and exit 2.
+Also the type checks that config values share."""
+
+import math
+from typing import Any
+
+
+def is_real(value: Any) -> bool:
+    """An int or float, not a bool (YAML's true/false) and not null; NaN and inf pass."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_real(value: Any) -> bool:
+    """``is_real`` and neither NaN nor infinite."""
+    return is_real(value) and math.isfinite(value)
 
 
 class ConfigError(ValueError):

@@ -32,6 +32,8 @@ from typing import Any
 
 from attrs import frozen
 
+from vlrm.errors import is_finite_real
+
 DASH = "\u2014"
 THUMBNAIL_SIZE = 256
 MAX_REWARD_CURVES = 8
@@ -196,11 +198,6 @@ def _gallery_section(gallery: Sequence[GalleryItem], policies: Sequence[str]) ->
     return f'<section><h2>Captions</h2><div id="gallery">{body}</div></section>'
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(float(value)))
-
-
 def read_curves(metrics_jsonl: Path) -> dict[str, dict[float, float]]:
     """Numeric ``reward/*`` and ``loss/*`` series from a metrics.jsonl: key -> step -> value.
 
@@ -214,11 +211,11 @@ def read_curves(metrics_jsonl: Path) -> dict[str, dict[float, float]]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(record, dict) or not _is_number(record.get("step")):
+            if not isinstance(record, dict) or not is_finite_real(record.get("step")):
                 continue
             step = float(record["step"])
             for key, value in record.items():
-                if key.startswith(("reward/", "loss/")) and _is_number(value):
+                if key.startswith(("reward/", "loss/")) and is_finite_real(value):
                     series.setdefault(key, {})[step] = float(value)
     return series
 

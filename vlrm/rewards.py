@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from attrs import frozen
 
-from vlrm.errors import ConfigError
+from vlrm.errors import ConfigError, is_finite_real
 from vlrm.protocols import PolicyAware, Reward
-from vlrm.rl import place_on_last_token
+from vlrm.rl import identity, place_on_last_token
 from vlrm.structs import RewardOutput, Rollout
 
 
@@ -34,8 +34,7 @@ class RewardTerm:
     def __attrs_post_init__(self) -> None:
         for key in ("weight", "clip"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value \
-                    or abs(value) == float("inf"):
+            if not is_finite_real(value):
                 raise ConfigError(f"reward term {key} must be a finite number, got {value!r}")
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"reward term normalize must be true or false, got {self.normalize!r}")
@@ -123,10 +122,6 @@ def to_token_rewards(output: RewardOutput, mask: torch.Tensor, name: str) -> tor
     return total
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def bind_if_policy_aware(reward: object, policy: object) -> None:
     """Give ``policy`` to a reward that implements ``PolicyAware``; others are untouched."""
     if isinstance(reward, PolicyAware):
@@ -156,7 +151,7 @@ class CompositeReward:
             if term.clip < 0:
                 raise ConfigError(f"reward.terms.{name}.clip must be >= 0, got {term.clip}")
         self.moments = {name: RunningMoments() for name, term in self.terms.items() if term.normalize}
-        self._gather = _identity
+        self._gather = identity
 
     def gather_statistics_with(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Update the running normalisation with ``gather(scores)`` instead of this process's

@@ -14,7 +14,8 @@ import torch
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """The ``Reduce`` of a single process: ``x`` itself."""
     return x
 
 
@@ -37,14 +38,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor,
     return (x * m).sum() / count.clamp(min=1.0)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Biased variance of ``x`` over the masked positions. Shape: ()."""
-    mean = masked_mean(x, mask)
-    return masked_mean((x - mean) ** 2, mask)
-
-
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
-                  reduce: Reduce = _identity) -> torch.Tensor:
+                  reduce: Reduce = identity) -> torch.Tensor:
     """Shift and scale ``x`` to zero mean and unit variance over the masked positions.
 
     Args:
@@ -133,7 +128,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
 def advantages(
     returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, whiten: bool = False,
-    reduce: Reduce = _identity,
+    reduce: Reduce = identity,
 ) -> torch.Tensor:
     """A_k = R(t_k) - V(s_k), with the values detached; optionally whitened.
 

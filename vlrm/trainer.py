@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import itertools
 import json
+import os
 import random
 import sys
 import time
@@ -22,7 +23,7 @@ from vlrm import rl
 from vlrm.checkpoint import LAST, load_state, save_state, write_checkpoint
 from vlrm.data import ImageFolder
 from vlrm.distributed import World, sample_seeds
-from vlrm.errors import ConfigError, TrainingError
+from vlrm.errors import ConfigError, TrainingError, is_real
 from vlrm.evaluation import PeriodicEval, numeric
 from vlrm.faults import fault_point
 from vlrm.protocols import Policy, Reward
@@ -102,18 +103,14 @@ class TrainerConfig:
                     "keep_last": 0}
         for key, low in at_least.items():
             value = getattr(self, key)
-            if not _is_number(value) or not value >= low:  # also catches NaN and null
+            if not is_real(value) or not value >= low:  # also catches NaN and null
                 raise ConfigError(f"trainer.{key} must be a number >= {low}, got {value!r}")
-        if not _is_number(self.gamma) or not 0.0 <= self.gamma <= 1.0:
+        if not is_real(self.gamma) or not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"trainer.gamma must be in [0, 1], got {self.gamma!r}")
         for key, allowed in (("sample_seeding", SEEDINGS), ("parallel", PARALLEL)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"trainer.{key} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, key)!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class ActorCritic(nn.Module):
@@ -133,8 +130,12 @@ class ActorCritic(nn.Module):
     def forward(self, rollout: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-probs, entropy and values of the rollout's tokens. Shapes: (B, T) each."""
         out = self.policy.evaluate(rollout)
-        values = self.value_head(out.hidden.detach() if self.value_detach else out.hidden)
-        return out.logprobs, out.entropy, values
+        return out.logprobs, out.entropy, self.values(out)
+
+    def values(self, out: Any) -> torch.Tensor:
+        """V(s_k) of a scored rollout. Shape: (B, T); with ``value_detach`` no gradient reaches
+        the policy through it."""
+        return self.value_head(out.hidden.detach() if self.value_detach else out.hidden)
 
 
 class Trainer:
@@ -166,8 +167,8 @@ class Trainer:
         self.value_head = ValueHead(policy.hidden_size, config.value_hidden).to(
             device, torch.float64 if dtype == torch.float64 else torch.float32)
         self.world.shard(range(config.images_per_step))  # fails early if it does not split
-        self._seeds_kwarg = "seeds" in inspect.signature(policy.sample).parameters
-        if config.sample_seeding == "per_image" and not self._seeds_kwarg:
+        if config.sample_seeding == "per_image" and \
+                "seeds" not in inspect.signature(policy.sample).parameters:
             raise ConfigError(f"trainer.sample_seeding per_image needs a policy whose sample() "
                               f"takes seeds; {type(policy).__name__} does not")
         bind_if_policy_aware(reward, policy)  # before wrapping: a snapshot of the initial policy
@@ -175,7 +176,8 @@ class Trainer:
             reward.gather_statistics_with(self.world.all_gather)
         # Before wrapping too: FSDP turns the towers' weights into shards that cannot be hashed.
         self.shared_towers = share_frozen_towers(policy, reward)
-        self.model = self._wrap(ActorCritic(policy, self.value_head, config.value_detach))
+        self.actor_critic = ActorCritic(policy, self.value_head, config.value_detach)
+        self.model = self._wrap(self.actor_critic)
         self.policy_params = list(policy.trainable_parameters())  # FSDP replaces parameters
         self.optimizer = torch.optim.AdamW(
             [{"params": self.policy_params, "lr": config.policy_lr},
@@ -291,9 +293,10 @@ class Trainer:
         # Clipped apart: the value loss (squared returns) must not shrink the policy's step.
         policy_norm = torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.max_grad_norm)
         value_norm = torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), cfg.max_grad_norm)
+        policy_norm, value_norm = _full(policy_norm), _full(value_norm)
         total_loss = world.all_reduce(loss.detach())
-        finite = bool(torch.isfinite(total_loss) & torch.isfinite(_full(policy_norm))
-                      & torch.isfinite(_full(value_norm)))
+        finite = bool(torch.isfinite(total_loss) & torch.isfinite(policy_norm)
+                      & torch.isfinite(value_norm))
         if finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -309,8 +312,8 @@ class Trainer:
                                    else 0.0)
         metrics["reward/nonfinite"] = float(nonfinite.sum().item())
         metrics["return/mean"] = rl.masked_mean(returns, mask).item()
-        metrics["grad/policy_norm"] = _full(policy_norm).item()
-        metrics["grad/value_norm"] = _full(value_norm).item()
+        metrics["grad/policy_norm"] = policy_norm.item()
+        metrics["grad/value_norm"] = value_norm.item()
         metrics["caption/length"] = sum(len(c.split()) for c in rollout.captions) / len(rollout.captions)
         metrics["caption/tokens"] = rollout.lengths.float().mean().item()
         metrics["lr/policy"] = self.optimizer.param_groups[0]["lr"]
@@ -331,9 +334,8 @@ class Trainer:
         return metrics
 
     def values(self, out: Any) -> torch.Tensor:
-        """V(s_k) of a scored rollout. Shape: (B, T); with ``value_detach`` no gradient reaches
-        the policy through it."""
-        return self.value_head(out.hidden.detach() if self.config.value_detach else out.hidden)
+        """V(s_k) of a scored rollout (``ActorCritic.values``). Shape: (B, T)."""
+        return self.actor_critic.values(out)
 
     def _batches(self) -> Iterator[list[tuple[str, Any]]]:
         """The step's image batches, continuing after ``self.step`` batches (on resume)."""
@@ -347,9 +349,6 @@ class Trainer:
         if isinstance(self.policy, nn.Module):
             return {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
         return {f"param.{i}": p for i, p in enumerate(self.policy_params)}
-
-    def _trainable_names(self) -> list[str]:
-        return list(self._trainable())
 
     def _named_trainable(self) -> dict[str, torch.Tensor]:
         """The policy's trainable tensors by name, whole (a collective call under FSDP)."""
@@ -372,7 +371,7 @@ class Trainer:
                             if k.startswith("policy.")}
             value_head = {k.removeprefix("value_head."): v for k, v in full.items()
                           if k.startswith("value_head.")}
-            trainable = {n: policy_state[n] for n in self._trainable_names()} if full else {}
+            trainable = {n: policy_state[n] for n in self._trainable()} if full else {}
         else:
             policy_state, value_head = None, self.value_head_state()
             trainable = self._named_trainable()
@@ -478,7 +477,7 @@ class Trainer:
         return self.step
 
     def _load_trainable(self, saved: dict[str, torch.Tensor], path: Path) -> None:
-        mine = set(self._trainable_names())
+        mine = set(self._trainable())
         if set(saved) != mine:
             raise ConfigError(f"cannot resume from {str(path)!r}: its trainable parameters are not "
                               "the policy's (was policy.trainable or lora changed?); missing "
@@ -518,7 +517,7 @@ class Trainer:
         """``metrics.jsonl`` for appending (rank 0), without rows past ``self.step`` that a
         run killed after its last checkpoint wrote; other ranks log nowhere."""
         if not self.world.is_main:
-            return open(_devnull(), "w")
+            return open(os.devnull, "w")
         path = self.output_dir / "metrics.jsonl"
         if self.truncate_log and path.is_file():
             # Rows up to the checkpoint stay (its step's evaluation ran before its save); at
@@ -638,8 +637,3 @@ def _row_step(line: str) -> int:
     except (ValueError, KeyError, TypeError, AttributeError):
         return -1
 
-
-def _devnull() -> str:
-    import os
-
-    return os.devnull
