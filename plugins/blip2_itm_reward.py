@@ -130,7 +130,7 @@ def blip2_itm_reward(
     """
     from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
-    from vlrm_plugins.blip2_opt import _dtype
+    from vlrm_plugins.hf_common import torch_dtype as _dtype
 
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise ConfigError(f"ITM reward: the folder {model!r} does not exist")

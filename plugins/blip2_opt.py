@@ -18,7 +18,6 @@ swapped in and the LoRA adapters disabled.
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,42 +25,28 @@ from typing import Any
 
 import attrs
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from attrs import frozen
-
 from vlrm import hookimpl
-from vlrm.checkpoint import find_policy_dir, safe_load
+from vlrm.checkpoint import find_policy_dir, safe_load, write_policy_file
 from vlrm.errors import ConfigError, is_real
-from vlrm.sampling import decode_shared_prefix, policy_log_softmax
+from vlrm.sampling import decode_shared_prefix, generated_mask, policy_log_softmax
 from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
+from vlrm_plugins.hf_common import (LORA_CONFIG, LORA_WEIGHTS, LoraSpec, ReferenceSnapshot,
+                                    add_lora, adapters_disabled, checkpoint_layers,
+                                    load_adapters, lora_layers, looks_local, quiet_transformers,
+                                    resolve_lora, save_adapters, torch_dtype, without_adapters)
 
 PARTS = ("vision_model", "qformer", "query_tokens", "language_projection", "language_model")
 PAPER_TRAINABLE = ("qformer", "query_tokens", "language_projection")
 
 
-@frozen
-class LoraSpec:
-    """LoRA adapters on the language model [ours: the paper trains none by default].
-
-    Args:
-        rank: Rank r of each adapter.
-        alpha: Scale numerator; the update is (alpha / r) * B A.
-        targets: Names of the OPT linear layers that get adapters.
-    """
-
-    rank: int
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ConfigError(f"dtype {name!r} is not one of {', '.join(dtypes)}")
-    return dtypes[name]
+#: Kept for older imports; the shared helpers live in ``vlrm_plugins.hf_common``.
+_dtype = torch_dtype
+_quiet_transformers = quiet_transformers
+__all__ = ["Blip2OptPolicy", "LoraSpec", "LORA_CONFIG", "LORA_WEIGHTS", "without_adapters",
+           "blip2_opt", "tiny_blip2_opt", "gpt2_tokenizer", "load_delta", "delta_of"]
 
 
 class Blip2OptPolicy(nn.Module):
@@ -119,17 +104,17 @@ class Blip2OptPolicy(nn.Module):
             if "language_model" in self.trainable:
                 raise ConfigError("LoRA and a fully trainable language_model exclude each other: "
                                   "drop language_model from policy trainable, or set lora_rank 0")
-            _add_lora(model.language_model, lora)
+            add_lora(model.language_model, lora)
         self.lora = lora
-        self.autocast_dtype = _dtype(autocast) if autocast else None
+        self.autocast_dtype = torch_dtype(autocast) if autocast else None
         if self.autocast_dtype is torch.float32:
             self.autocast_dtype = None
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
-            _checkpoint_layers(model.language_model)
+            checkpoint_layers(model.language_model.get_decoder().layers)
         for name, param in model.named_parameters():
             param.requires_grad_(name.split(".")[0] in self.trainable or ".lora_" in name)
-        self._reference: dict[str, torch.Tensor] | None = None
+        self._reference = ReferenceSnapshot()
         lm = model.language_model
         self.hidden_size = lm.get_output_embeddings().in_features
         self.num_query_tokens = model.config.num_query_tokens
@@ -254,9 +239,7 @@ class Blip2OptPolicy(nn.Module):
 
     def generated_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """Shape: (B, T) bool: True up to and including each caption's first EOS."""
-        is_eos = tokens == self.eos_token_id
-        eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-        return eos_before == 0
+        return generated_mask(tokens, self.eos_token_id)
 
     def decode(self, rows: Sequence[Sequence[int]]) -> list[str]:
         """Captions as text from their real token ids, special tokens dropped."""
@@ -302,42 +285,19 @@ class Blip2OptPolicy(nn.Module):
         LoRA weights are not copied (the reference has them disabled). Idempotent: the
         first call fixes the reference. Returns the number of parameters copied.
         """
-        if self._reference is None:
-            self._reference = {name: p.detach().clone() for name, p in self.model.named_parameters()
-                               if p.requires_grad and ".lora_" not in name}
-        return sum(t.numel() for t in self._reference.values())
+        return self._reference.take(self.model.named_parameters())
 
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
+    def reference(self) -> contextlib.AbstractContextManager[None]:
         """Within this block the model is the reference policy (the snapshot, LoRA off).
 
         The snapshot's tensors are swapped in place of the trainable parameters' data and
         swapped back on exit; nothing is copied. Use under ``torch.no_grad()``.
         """
-        if self._reference is None:
-            raise RuntimeError("no reference snapshot: call snapshot_reference() first")
-        params = dict(self.model.named_parameters())
-        current = {name: params[name].data for name in self._reference}
-        try:
-            for name, ref in self._reference.items():
-                params[name].data = ref
-            with self.adapters_disabled():
-                yield
-        finally:
-            for name, data in current.items():
-                params[name].data = data
+        return self._reference.swapped_into(self.model)
 
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
+    def adapters_disabled(self) -> contextlib.AbstractContextManager[None]:
         """The language model without its LoRA adapters (a no-op without LoRA)."""
-        layers = self._lora_layers()
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
+        return adapters_disabled(self.model.language_model)
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
@@ -355,6 +315,23 @@ class Blip2OptPolicy(nn.Module):
         onto the base model with ``load_state_dict(delta, strict=False)``.
         """
         return delta_of(self.model.state_dict(), dtype)
+
+    def prepare_text_reference(self) -> None:
+        """When OPT trains, the reference LM is the initial OPT: snapshot it now."""
+        if "language_model" in self.trainable:
+            self.snapshot_reference()
+
+    def frozen_towers(self) -> dict[str, nn.Module]:
+        """The frozen ViT, which a BLIP-2 ITM reward built on the same weights can share."""
+        vision = self.model.vision_model
+        return {} if any(p.requires_grad for p in vision.parameters()) else {"vision_model": vision}
+
+    def save_merged(self, path: str) -> None:
+        """A plain transformers folder with LoRA adapters folded into OPT (irreversible)."""
+        self.merge_adapters()
+        with quiet_transformers():
+            self.model.save_pretrained(path, state_dict=without_adapters(self.model.state_dict()))
+            self.processor.save_pretrained(path)
 
     def text_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """log p(t_k | BOS, t_<k) under the language model alone, without the image.
@@ -376,7 +353,7 @@ class Blip2OptPolicy(nn.Module):
         inputs = torch.cat([bos, tokens], dim=1)
         attention = torch.cat([torch.ones_like(bos), mask.long()], dim=1)
         if "language_model" in self.trainable:
-            if self._reference is None:
+            if self._reference.tensors is None:
                 raise ConfigError("the policy's language model trains, so it is no longer the "
                                   "reference LM and no reference snapshot was taken: bind the "
                                   "reward with bind_policy (it snapshots the initial policy) or "
@@ -406,13 +383,12 @@ class Blip2OptPolicy(nn.Module):
             state = self.model.state_dict()
         else:
             state = {k.removeprefix("model."): v for k, v in state_dict.items()}
-        with _quiet_transformers():  # the trainer's own progress bar is on screen
+        with quiet_transformers():  # the trainer's own progress bar is on screen
             self.model.save_pretrained(path, state_dict=without_adapters(state))
             self.processor.save_pretrained(path)
         if self.lora is not None:
-            save_file({k: v.detach().contiguous() for k, v in state.items() if ".lora_" in k},
-                      str(Path(path) / LORA_WEIGHTS))
-            (Path(path) / LORA_CONFIG).write_text(json.dumps(attrs.asdict(self.lora), indent=2) + "\n")
+            save_adapters(path, state, self.lora)
+        write_policy_file(path, "blip2_opt")
 
     def merge_adapters(self) -> None:
         """Fold the LoRA adapters into OPT's weights (irreversible); a no-op without LoRA."""
@@ -420,14 +396,7 @@ class Blip2OptPolicy(nn.Module):
             layer.merge()
 
     def _lora_layers(self) -> list[nn.Module]:
-        if self.lora is None:
-            return []
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        return [m for m in self.model.language_model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-LORA_WEIGHTS, LORA_CONFIG = "lora.safetensors", "lora.json"
+        return lora_layers(self.model.language_model) if self.lora is not None else []
 
 
 def cast_part(model: nn.Module, part: str, dtype: torch.dtype) -> None:
@@ -440,53 +409,10 @@ def cast_part(model: nn.Module, part: str, dtype: torch.dtype) -> None:
         value.to(dtype)
 
 
-def _checkpoint_layers(lm: nn.Module) -> int:
-    """Make each decoder layer of ``lm`` recompute its activations in the backward pass.
-
-    transformers' own switch only acts in training mode, and the policy stays in eval mode
-    (no dropout), so the layers' ``forward`` is wrapped instead; parameter names, and so
-    checkpoints, do not change. Returns the number of layers wrapped.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    layers = lm.get_decoder().layers
-    for layer in layers:
-        inner = layer.forward
-
-        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        layer.forward = forward
-    return len(layers)
-
-
-def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with LoRA removed and peft's wrapped names restored to the base names."""
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
-
-
 def delta_of(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The parts of a BLIP-2 state dict the paper trains (its released delta), in ``dtype``."""
     return {k: v.detach().to(dtype).contiguous().clone() for k, v in state.items()
             if k.split(".")[0] in PAPER_TRAINABLE}
-
-
-def _add_lora(lm: nn.Module, spec: LoraSpec) -> None:
-    """Inject LoRA adapters into ``lm`` in place (no wrapper model is kept)."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ModuleNotFoundError as exc:
-        raise ConfigError("policy lora_rank > 0 needs peft: pip install 'vlrm[lora]'") from exc
-    if spec.rank <= 0:
-        raise ConfigError(f"policy lora rank must be positive, got {spec.rank}")
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                        lora_dropout=0.0, bias="none")
-    try:
-        inject_adapter_in_model(config, lm)
-    except ValueError as exc:
-        raise ConfigError(f"policy lora_targets {list(spec.targets)}: {exc}") from exc
 
 
 def load_delta(model: nn.Module, path: str) -> list[str]:
@@ -559,8 +485,7 @@ def blip2_opt(
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local and not Path(model).expanduser().is_dir():
+    if looks_local(model) and not Path(model).expanduser().is_dir():
         raise ConfigError(f"policy.init_args.model: the folder {model!r} does not exist; give a "
                           "directory written by save_pretrained or a hub name")
     unknown = set(trainable) - set(PARTS)
@@ -570,7 +495,7 @@ def blip2_opt(
         model = str(find_policy_dir(Path(model).expanduser()))
     try:
         processor = Blip2Processor.from_pretrained(model)
-        net = Blip2ForConditionalGeneration.from_pretrained(model, dtype=_dtype(dtype))
+        net = Blip2ForConditionalGeneration.from_pretrained(model, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"policy.init_args.model: cannot load BLIP-2 from {model!r} ({exc}). Give a hub "
@@ -579,42 +504,19 @@ def blip2_opt(
     if delta is not None:
         load_delta(net, delta)
     saved_lora = Path(model, LORA_CONFIG)
-    lora = LoraSpec(lora_rank, lora_alpha, tuple(lora_targets)) if lora_rank else None
-    if saved_lora.is_file():
-        saved = LoraSpec(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in json.loads(saved_lora.read_text()).items()})
-        if lora is not None and lora != saved:
-            raise ConfigError(f"policy: {model!r} holds LoRA adapters {saved}, but the config "
-                              f"asks for {lora}; drop the lora_* settings to continue with them")
-        lora = saved
+    lora = resolve_lora(model, LoraSpec(lora_rank, lora_alpha, tuple(lora_targets)) if lora_rank else None)
     for part in trainable:
-        cast_part(net, part, _dtype(trainable_dtype))
+        cast_part(net, part, torch_dtype(trainable_dtype))
     policy = Blip2OptPolicy(
         net, processor, trainable=trainable, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, lora=lora, autocast=autocast,
         gradient_checkpointing=gradient_checkpointing)
     if saved_lora.is_file():
-        missing = policy.model.load_state_dict(load_file(str(Path(model, LORA_WEIGHTS))), strict=False)
-        if any(".lora_" in k for k in missing.missing_keys):
-            raise ConfigError(f"policy: {Path(model, LORA_WEIGHTS)} lacks some adapter weights")
+        load_adapters(policy.model, model)
     for name, param in policy.model.named_parameters():
         if ".lora_" in name:
-            param.data = param.data.to(_dtype(trainable_dtype))
+            param.data = param.data.to(torch_dtype(trainable_dtype))
     return policy.to(device)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No transformers progress bars while a tiny preset is written and read back."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def gpt2_tokenizer() -> Any:
@@ -715,7 +617,7 @@ def tiny_blip2_opt(
     # BLIP-2's original code draws them from N(0, 0.02), and so do we.
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
-    with tempfile.TemporaryDirectory() as tmp, _quiet_transformers():
+    with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         return blip2_opt(tmp, trainable=trainable, max_new_tokens=max_new_tokens,

@@ -15,6 +15,7 @@ import torch
 
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
+from vlrm.protocols import ReferenceScorer, explain
 from vlrm.structs import RewardOutput, Rollout
 
 
@@ -37,9 +38,11 @@ class ReferenceKLPenalty:
 
     def bind_policy(self, policy: Any) -> None:
         """Called by the trainer before the first update: fixes the reference there."""
-        if not hasattr(policy, "reference_logprobs"):
-            raise ConfigError(f"ReferenceKLPenalty needs a policy with reference_logprobs(); "
-                              f"{type(policy).__name__} has none")
+        problems = explain(policy, ReferenceScorer)
+        if problems:
+            raise ConfigError(f"ReferenceKLPenalty needs a policy that implements "
+                              f"vlrm.protocols.ReferenceScorer; {type(policy).__name__}: "
+                              f"{'; '.join(problems)}")
         self.reference_parameters = policy.snapshot_reference()
         self.policy = policy
 

@@ -14,6 +14,7 @@ import torch
 
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
+from vlrm.protocols import TextScorer, explain
 from vlrm.structs import RewardOutput, Rollout
 
 
@@ -35,7 +36,7 @@ class ReferenceLMReward:
         if model is not None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from vlrm_plugins.blip2_opt import _dtype
+            from vlrm_plugins.hf_common import torch_dtype as _dtype
 
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -51,9 +52,15 @@ class ReferenceLMReward:
         If the policy's LM trains, the initial policy is snapshotted now (before any update)
         and its LM is the reference.
         """
+        if self.lm is not None:
+            return
+        problems = explain(policy, TextScorer)
+        if problems:
+            raise ConfigError(f"ReferenceLMReward without its own `model` needs a policy that "
+                              f"implements vlrm.protocols.TextScorer; {type(policy).__name__}: "
+                              f"{'; '.join(problems)}. Give the reward a `model` (a causal LM)")
         self.policy = policy
-        if self.lm is None and "language_model" in getattr(policy, "trainable", ()):
-            policy.snapshot_reference()
+        policy.prepare_text_reference()
 
     def _own_lm_logprobs(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(captions, return_tensors="pt", padding=True)

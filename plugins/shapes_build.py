@@ -100,7 +100,7 @@ def _clip_captions(world: ShapesWorld, index: int) -> str:
         world.partial_caption("train", index)
 
 
-def _optimise(batch_loss: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+def optimise(batch_loss: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
               num_items: int, steps: int, batch_size: int, lr: float, weight_decay: float,
               seed: int, desc: str, progress: bool) -> dict[str, Any]:
     """AdamW with warm-up and cosine decay over random batches of item indices.
@@ -136,7 +136,7 @@ def _train_contrastive(encode_image: Callable[[torch.Tensor], torch.Tensor],
         texts = [_clip_captions(world, i) for i in idx.tolist()]
         return _info_nce(encode_image(images[idx]), encode_text(texts), scale)
 
-    return _optimise(batch_loss, params, len(images), steps, batch_size, lr, 0.05, seed, desc,
+    return optimise(batch_loss, params, len(images), steps, batch_size, lr, 0.05, seed, desc,
                      progress)
 
 
@@ -220,11 +220,13 @@ def captioner_config(tokenizer: Any, width: int = 64, layers: int = 2, num_query
         num_query_tokens=num_query_tokens, image_token_index=image_token)
 
 
-def pretrain_vision(model: Any, tokenizer: Any, world: ShapesWorld, images: torch.Tensor, seed: int,
-                    steps: int, batch_size: int = 128, lr: float = 1e-3, progress: bool = True) -> dict[str, Any]:
-    """Contrastively pretrain ``model.vision_model`` (in place) against a throwaway text tower."""
+def pretrain_vision(vision: Any, tokenizer: Any, world: ShapesWorld, images: torch.Tensor, seed: int,
+                    steps: int, batch_size: int = 128, lr: float = 1e-3, progress: bool = True,
+                    desc: str = "vision") -> dict[str, Any]:
+    """Contrastively pretrain a vision encoder (in place; e.g. ``Blip2VisionModel``,
+    ``CLIPVisionModel``) against a throwaway text tower."""
     torch.manual_seed(seed)
-    vision = model.vision_model.train()
+    vision = vision.train()
     width = vision.config.hidden_size
     head = nn.Linear(width, width)
     text = _TextTower(len(tokenizer), width)
@@ -239,7 +241,7 @@ def pretrain_vision(model: Any, tokenizer: Any, world: ShapesWorld, images: torc
 
     params = list(vision.parameters()) + list(head.parameters()) + list(text.parameters()) + [scale]
     fit = _train_contrastive(encode_image, encode_text, params, _ParamScale(scale), world, images,
-                             steps, batch_size, lr, seed, "vision", progress)
+                             steps, batch_size, lr, seed, desc, progress)
     vision.eval()
     return fit
 
@@ -306,7 +308,7 @@ def train_captioner(policy: Any, world: ShapesWorld, features: torch.Tensor, ste
         return -(logp * mask).sum() / mask.sum()
 
     params = list(policy.trainable_parameters()) + list(style.parameters())
-    fit = _optimise(batch_loss, params, len(features), steps, batch_size, lr, 0.01, seed,
+    fit = optimise(batch_loss, params, len(features), steps, batch_size, lr, 0.01, seed,
                     "captioner", progress)
     return {**fit, "style_dropout": style_dropout}
 
@@ -431,7 +433,7 @@ def _build_captioner(record: dict[str, Any], out: Path, seed: int, images: torch
     model = Blip2ForConditionalGeneration(captioner_config(tokenizer))
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
-    record["vision"] = pretrain_vision(model, tokenizer, world, images, seed + 3, vision_steps,
+    record["vision"] = pretrain_vision(model.vision_model, tokenizer, world, images, seed + 3, vision_steps,
                                        progress=progress)
     # 3. the captioner, cross-entropy on the biased captions, the vision encoder frozen
     policy = Blip2OptPolicy(model, processor, trainable=("qformer", "query_tokens",

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
 from vlrm_plugins.blip2_itm_reward import Blip2ItmReward, blip2_itm_reward
-from vlrm_plugins.shapes_build import (_optimise, captioner_config, pixels, vision_features,
+from vlrm_plugins.shapes_build import (optimise, captioner_config, pixels, vision_features,
                                        word_tokenizer)
 from vlrm_plugins.shapes_world import (COLOURS, SHAPES, SIZES, ShapesWorld, Thing, describe, parse,
                                        weights_dir)
@@ -285,7 +285,7 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
         labels[:len(idx)] = 1
         return F.cross_entropy(logits, labels)
 
-    fit = _optimise(batch_loss, params, len(images), steps, batch_size, lr, 0.01, seed, "itm",
+    fit = optimise(batch_loss, params, len(images), steps, batch_size, lr, 0.01, seed, "itm",
                     progress)
     for p in params:
         p.requires_grad_(False)

@@ -181,3 +181,23 @@ def test_paper_configs_train_with_tiny_models(name, sim, override, tmp_path):
     saved = load_state(out / "checkpoints" / LAST)["reward"][sim]  # normalisation survives a save
     assert saved["count"] == 2 * 2 * 2 and saved["mean"] == pytest.approx(rows[-1][f"reward/{sim}/running_mean"])
     assert {"reward/bad/rate", "reward/repeat/rate"} <= set(rows[-1])
+
+
+def test_the_third_party_reward_is_unannotated():
+    """What the test above trains with is a reward written as the README says, without
+    type annotations: vlrm matches it by shape."""
+    import inspect
+
+    from vlrm_example_reward import CaptionLengthReward
+
+    signature = inspect.signature(CaptionLengthReward.__call__)
+    assert all(p.annotation is inspect.Parameter.empty for p in signature.parameters.values())
+    assert signature.return_annotation is inspect.Signature.empty
+
+
+def test_a_reward_that_does_not_fit_is_refused_with_the_reason(tmp_path, capsys):
+    term = json.dumps({"reward": {"class_path": "vlrm.data.ImageFolder",
+                                  "init_args": {"root": str(tmp_path)}}})
+    status, err = run_exit(["--config", TINY, f"--reward.terms.bad={term}"], capsys)
+    assert status == 2
+    assert "vlrm.data.ImageFolder" in err and "it is not callable" in err

@@ -112,6 +112,32 @@ def list_checkpoints(checkpoints: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+#: Written into a policy folder by the policy's ``save_pretrained``: the registered name of
+#: the builder that loads it back (``vlrm-export`` uses it) and settings the folder alone
+#: does not hold (e.g. the prompt).
+POLICY_FILE = "vlrm_policy.json"
+
+
+def write_policy_file(path: str | Path, builder: str, **settings: Any) -> None:
+    """Record in a policy folder which registered policy builder loads it."""
+    record = {"builder": builder, **settings}
+    (Path(path) / POLICY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_policy_file(path: str | Path) -> dict[str, Any]:
+    """The record ``write_policy_file`` left in a policy folder (empty when there is none)."""
+    file = Path(path) / POLICY_FILE
+    if not file.is_file():
+        return {}
+    try:
+        record = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{str(file)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise ConfigError(f"{str(file)!r} must hold a JSON object")
+    return record
+
+
 def find_policy_dir(path: str | Path) -> Path:
     """The policy folder inside a run directory, a checkpoint, or the folder itself."""
     path = Path(path)

@@ -23,6 +23,26 @@ def _short_error(message: str, limit: int = 6) -> str:
     return "\n".join(kept)
 
 
+def _protocol_reasons(message: str) -> str:
+    """Why a class does not fit the protocol jsonargparse refused it for (it gives none)."""
+    import importlib
+    import re
+
+    from vlrm import protocols
+
+    found = re.search(r"Import path (\S+) does not implement protocol (\w+)", message)
+    protocol = getattr(protocols, found.group(2), None) if found else None
+    if protocol is None:
+        return ""
+    module, _, name = found.group(1).rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return ""
+    problems = protocols.explain(target, protocol)
+    return f" It does not fit vlrm.protocols.{protocol.__name__}: {'; '.join(problems)}." if problems else ""
+
+
 def _config_files(argv: list[str]) -> list[str]:
     """The files given with --config, to name them in error messages."""
     files = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
@@ -47,7 +67,8 @@ def new_parser(prog: str, description: str) -> Any:
 
         def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
             where = f" (config file: {', '.join(files)})" if files else ""
-            sys.stderr.write(f"{prog}: error: {_short_error(message)}{where}\n"
+            reasons = _protocol_reasons(str(message))
+            sys.stderr.write(f"{prog}: error: {_short_error(message)}{where}{reasons}\n"
                              f"Run `{prog} --help` for the options, or "
                              f"`{prog} --config FILE --print_config` to see a resolved config.\n")
             raise SystemExit(EXIT_CONFIG)

@@ -98,9 +98,11 @@ def caption_images(policy: Any, data: Any, image_ids: Sequence[str], batch_size:
     """
     from tqdm.auto import tqdm
 
-    if not hasattr(policy, "caption"):
-        raise ConfigError(f"{type(policy).__name__} has no caption() method, so it cannot be "
-                          "evaluated")
+    from vlrm.protocols import Captioner, explain
+
+    if explain(policy, Captioner):
+        raise ConfigError(f"{type(policy).__name__} cannot caption for evaluation: "
+                          f"{'; '.join(explain(policy, Captioner))} (vlrm.protocols.Captioner)")
     kept: list[str] = []
     captions: list[str] = []
     counts: list[int] = []

@@ -12,7 +12,7 @@ prompt instead of once per sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -104,46 +104,48 @@ def draw(probs: torch.Tensor, num_samples: int,
                       for r, g in zip(rows, generators)])
 
 
-@torch.no_grad()
-def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_new_tokens: int,
-                         eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                         top_k: int = 0, top_p: float = 1.0, suppressed: Sequence[int] = (),
-                         generators: Sequence[torch.Generator] | None = None,
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample K continuations of each prompt; each prompt is prefilled once.
+def is_end(tokens: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """True where a token ends a caption. ``eos_token_id`` may be one id or several."""
+    if isinstance(eos_token_id, int):
+        return tokens == eos_token_id
+    return torch.isin(tokens, torch.as_tensor(list(eos_token_id), device=tokens.device))
 
-    The prompt's keys and values are computed for the N prompts, then the cache is repeated
-    K times along the batch, so only the generated tokens run per sample.
+
+def generated_mask(tokens: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """Shape: (B, T) bool: True up to and including each row's first end token."""
+    ends = is_end(tokens, eos_token_id).long()
+    return (torch.cumsum(ends, dim=1) - ends) == 0
+
+
+@torch.no_grad()
+def decode(first_logits: torch.Tensor, step: Callable[[torch.Tensor, int], torch.Tensor],
+           num_samples: int, max_new_tokens: int, eos_token_id: int | Sequence[int],
+           pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           suppressed: Sequence[int] = (), generators: Sequence[torch.Generator] | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling loop after a prefill: draw, then ask ``step`` for the next logits.
 
     Args:
-        lm: A transformers causal LM (``AutoModelForCausalLM``-like, with a KV cache).
-        prefix: Shape: (N, P, H). Prompt input embeddings.
+        first_logits: Shape: (B, V), B = N * K prompt-major: the next-token logits after
+            each row's prompt (the prefill's, repeated K times).
+        step: ``step(drawn, t)`` feeds the drawn tokens (B,) of step ``t`` (0-based) to the
+            model and returns the next logits (B, V); it owns the model and its cache.
         num_samples: K.
         max_new_tokens: Longest continuation.
-        eos_token_id: Ends a caption; rows that ended get ``pad_token_id`` afterwards.
+        eos_token_id: Ends a caption (one id or several); rows that ended get
+            ``pad_token_id`` afterwards.
         pad_token_id: Filler after the end.
         temperature, top_k, top_p, suppressed: See ``process_logits``.
-        generators: One random generator per prompt (N), drawing that prompt's K samples;
-            a prompt's samples then depend only on its generator, not on the other prompts
-            in the batch (so a batch split over processes samples what it would in one).
-            None = the global random state, as ``generate`` uses it.
+        generators: See ``draw``; None = the global random state, as ``generate`` uses it.
 
     Returns:
-        tokens: Shape: (B, T), B = N * K in prompt-major order (the K samples of prompt 0
-            first); T <= max_new_tokens (the loop stops when every row ended).
-        logprobs: Shape: (B, T), float32. log pi(token) of the sampling policy (``token_logprobs``
-            at ``temperature``, before top-k / top-p); padding after the end included, so
-            callers mask it. The (B, T, V) logits are never kept.
+        tokens: Shape: (B, T); T <= max_new_tokens (the loop stops when every row ended).
+        logprobs: Shape: (B, T), float32. log pi(token) of the sampling policy
+            (``token_logprobs`` at ``temperature``, before top-k / top-p); padding after the
+            end included, so callers mask it. The (B, T, V) logits are never kept.
     """
-    n, p = prefix.shape[:2]
-    device = prefix.device
-    out = lm(inputs_embeds=prefix, attention_mask=torch.ones((n, p), dtype=torch.long, device=device),
-             use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    cache.batch_repeat_interleave(num_samples)
-    logits = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # (B, V)
-    b = n * num_samples
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    logits = first_logits.float()
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
         scores = process_logits(logits, temperature, top_k, top_p, suppressed)
@@ -151,12 +153,51 @@ def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_ne
         drawn = torch.where(finished, torch.full_like(drawn, pad_token_id), drawn)
         tokens.append(drawn)
         logprobs.append(token_logprobs(logits, drawn, temperature, suppressed))
-        finished |= drawn == eos_token_id
+        finished |= is_end(drawn, eos_token_id)
         if bool(finished.all()) or t + 1 == max_new_tokens:
             break
+        logits = step(drawn, t).float()
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+@torch.no_grad()
+def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_new_tokens: int,
+                         eos_token_id: int | Sequence[int], pad_token_id: int,
+                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                         suppressed: Sequence[int] = (),
+                         generators: Sequence[torch.Generator] | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample K continuations of each prompt given as input embeddings; each prompt is
+    prefilled once.
+
+    The prompt's keys and values are computed for the N prompts, then the cache is repeated
+    K times along the batch, so only the generated tokens run per sample.
+
+    Args:
+        lm: A transformers causal LM (``AutoModelForCausalLM``-like, with a KV cache).
+        prefix: Shape: (N, P, H). Prompt input embeddings.
+        num_samples, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+        suppressed, generators: See ``decode``.
+
+    Returns:
+        tokens and logprobs, shapes (B, T), B = N * K prompt-major; see ``decode``.
+    """
+    n, p = prefix.shape[:2]
+    device = prefix.device
+    out = lm(inputs_embeds=prefix, attention_mask=torch.ones((n, p), dtype=torch.long, device=device),
+             use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(num_samples)
+    b = n * num_samples
+
+    def step(drawn: torch.Tensor, t: int) -> torch.Tensor:
+        nonlocal cache
         attention = torch.ones((b, p + t + 1), dtype=torch.long, device=device)
         out = lm(input_ids=drawn.unsqueeze(1), attention_mask=attention, cache=cache,
                  use_cache=True)
         cache = out.cache
-        logits = out.logits[:, -1].float()
-    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+        return out.logits[:, -1]
+
+    first = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # (B, V)
+    return decode(first, step, num_samples, max_new_tokens, eos_token_id, pad_token_id,
+                  temperature, top_k, top_p, suppressed, generators)

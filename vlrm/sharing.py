@@ -15,9 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-TOWERS = ("vision_model",)
-
-
 def module_digest(module: nn.Module) -> str:
     """SHA-256 of a module's state: every tensor's name, dtype, shape and bytes."""
     digest = hashlib.sha256()
@@ -56,19 +53,20 @@ def _reward_models(reward: Any) -> Iterator[tuple[str, Any]]:
 def share_frozen_towers(policy: Any, reward: Any) -> dict[str, int]:
     """Point reward models at the policy's frozen towers where the weights are identical.
 
-    A reward qualifies when it has a ``model`` with a tower of the same attribute name as
-    the policy's ``model`` (e.g. ``vision_model``), both frozen, with the same weight hash.
+    The policy offers its towers through ``vlrm.protocols.FrozenTowers``. A reward qualifies
+    when it has a ``model`` with a module of the same attribute name (e.g.
+    ``vision_model``), both frozen, with the same weight hash.
 
     Returns:
         Bytes saved per shared tower, keyed ``"<reward term>.<tower>"`` (empty if none).
     """
-    owner = getattr(policy, "model", None)
+    from vlrm.protocols import FrozenTowers, implements
+
     saved: dict[str, int] = {}
-    if owner is None:
+    if not implements(policy, FrozenTowers):
         return saved
-    for tower in TOWERS:
-        mine = getattr(owner, tower, None)
-        if mine is None or not _frozen(mine):
+    for tower, mine in policy.frozen_towers().items():
+        if not _frozen(mine):
             continue
         my_digest = None
         for name, term in _reward_models(reward):

@@ -4,6 +4,7 @@
     def test_my_reward_honours_the_contract():
         check_reward(MyReward())
 
+``check_reward`` and ``check_policy`` are the contracts ``vlrm-run`` relies on.
 Each check raises ``ContractError`` (an ``AssertionError``) saying what is wrong.
 """
 
@@ -160,3 +161,134 @@ def check_reward(reward: Any, rollout: Rollout | None = None, atol: float = 1e-5
                 f"{who}: {name} rewards are not batch-order equivariant: permuting the "
                 f"captions by {order.tolist()} changed their scores")
     return out
+
+
+def _check_rollout(rollout: Any, n: int, k: int, who: str) -> None:
+    if not isinstance(rollout, Rollout):
+        raise ContractError(f"{who}: sample() returned {type(rollout).__name__}, expected a Rollout")
+    b = n * k
+    if rollout.batch_size != b or len(rollout.images) != n:
+        raise ContractError(f"{who}: sample() of {n} images x {k} gave {rollout.batch_size} "
+                            f"captions for {len(rollout.images)} images")
+    if not torch.equal(rollout.group.cpu(), torch.arange(n).repeat_interleave(k)):
+        raise ContractError(f"{who}: group {rollout.group.tolist()} is not image-major "
+                            f"(the K samples of image 0 first)")
+    mask = rollout.mask.cpu()
+    if (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise ContractError(f"{who}: mask has a real token after padding (masks are "
+                            "True up to each caption's end, then False)")
+    logprobs = rollout.logprobs.float().cpu()
+    if not torch.isfinite(logprobs).all() or (logprobs[mask] > 1e-6).any():
+        raise ContractError(f"{who}: sampled log-probs must be finite and <= 0")
+    if (logprobs[~mask] != 0).any():
+        raise ContractError(f"{who}: sampled log-probs are non-zero on padding")
+    if not all(isinstance(c, str) for c in rollout.captions):
+        raise ContractError(f"{who}: captions must be strings")
+
+
+def _check_scoring(policy: Any, rollout: Rollout, atol: float, who: str) -> None:
+    """Scoring reproduces the sampled log-probs; gradients reach trainable parameters only."""
+    trainable = list(policy.trainable_parameters())
+    if not trainable:
+        raise ContractError(f"{who}: trainable_parameters() is empty")
+    frozen = [p for p in getattr(policy, "parameters", lambda: [])()
+              if not any(p is q for q in trainable)]
+    out = policy.evaluate(rollout)
+    b, t = rollout.tokens.shape
+    for name, shape in (("logprobs", (b, t)), ("entropy", (b, t)), ("hidden", (b, t, policy.hidden_size))):
+        if tuple(getattr(out, name).shape) != shape:
+            raise ContractError(f"{who}: evaluate() {name} has shape "
+                                f"{tuple(getattr(out, name).shape)}, expected {shape}")
+    mask = rollout.mask.to(out.logprobs.device)
+    gap = ((out.logprobs.detach().float() - rollout.logprobs.to(out.logprobs.device).float()) * mask).abs().max()
+    if gap > atol:
+        raise ContractError(f"{who}: evaluate() log-probs differ from the sampled ones by "
+                            f"{gap.item():.2e} (> {atol}): scoring must reproduce sampling")
+    if (out.entropy.detach()[mask] < -1e-5).any():
+        raise ContractError(f"{who}: negative entropy")
+    for p in trainable:
+        p.grad = None
+    ((out.logprobs * mask).sum() + (out.hidden * mask.unsqueeze(-1)).sum()).backward()
+    if not any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable):
+        raise ContractError(f"{who}: no trainable parameter received a gradient")
+    leaked = [p for p in frozen if p.grad is not None]
+    if leaked:
+        raise ContractError(f"{who}: {len(leaked)} parameter(s) outside trainable_parameters() "
+                            "received gradients (frozen parts must stay frozen)")
+    for p in trainable:
+        p.grad = None
+
+
+def _check_seeding(policy: Any, images: Sequence[Any], k: int, who: str) -> None:
+    """The same seeds give the same captions, whatever else is in the batch."""
+    from vlrm.protocols import SeededSampler, implements
+
+    ids = [f"image-{i}" for i in range(len(images))]
+    if implements(policy, SeededSampler):
+        seeds = list(range(11, 11 + len(images)))
+        one = policy.sample(images, ids, k, seeds=seeds)
+        two = policy.sample(images, ids, k, seeds=seeds)
+        alone = policy.sample(images[:1], ids[:1], k, seeds=seeds[:1])
+        t = alone.tokens.shape[1]
+        if not torch.equal(one.tokens, two.tokens) or \
+                not torch.equal(one.tokens[:k, :t].cpu(), alone.tokens.cpu()):
+            raise ContractError(f"{who}: sample(seeds=...) is not a function of each image's seed")
+        return
+    torch.manual_seed(5)
+    one = policy.sample(images, ids, k)
+    torch.manual_seed(5)
+    two = policy.sample(images, ids, k)
+    if not torch.equal(one.tokens, two.tokens):
+        raise ContractError(f"{who}: the same global seed gave different captions")
+
+
+def check_policy(policy: Any, images: Sequence[Any] | None = None, num_samples: int = 2,
+                 atol: float = 1e-4, native_captions: Any = None, max_new_tokens: int = 8) -> Rollout:
+    """Check a policy against ``vlrm.protocols.Policy`` and its declared capabilities.
+
+    Checks: ``sample`` returns an image-major ``Rollout`` whose masks end each caption once
+    and whose log-probs are finite, <= 0 and zero on padding; ``evaluate`` has the documented
+    shapes and reproduces the sampled log-probs within ``atol``; gradients reach only
+    ``trainable_parameters()``; the same seeds give the same captions (per image with
+    ``SeededSampler``); and, given ``native_captions``, a ``save_pretrained`` folder reloaded by
+    the native library captions greedily as the policy's ``caption`` does.
+
+    Args:
+        policy: The policy to check.
+        images: N images; default three ``synthetic_images``.
+        num_samples: K captions per image.
+        atol: Tolerance of the log-prob reproduction (float32).
+        native_captions: ``fn(folder, images, max_new_tokens) -> list[str]``: greedy
+            captions by the native library from a saved folder (e.g.
+            ``vlrm_plugins.hf_captioner.native_captions``); None skips the reload check.
+        max_new_tokens: Caption length for the reload check.
+
+    Returns:
+        The first rollout sampled.
+    """
+    import tempfile
+
+    from vlrm.protocols import Captioner, Policy, explain, implements
+
+    who = type(policy).__name__
+    problems = explain(policy, Policy)
+    if problems:
+        raise ContractError(f"{who} is not a vlrm Policy: {'; '.join(problems)}")
+    images = list(images) if images is not None else synthetic_images(3)
+    ids = [f"image-{i}" for i in range(len(images))]
+    rollout = policy.sample(images, ids, num_samples)
+    _check_rollout(rollout, len(images), num_samples, who)
+    _check_scoring(policy, rollout, atol, who)
+    _check_seeding(policy, images, num_samples, who)
+    if native_captions is not None:
+        if not implements(policy, Captioner):
+            raise ContractError(f"{who}: the reload check needs caption(): "
+                                f"{'; '.join(explain(policy, Captioner))}")
+        mine, _ = policy.caption(images, max_new_tokens=max_new_tokens)
+        with tempfile.TemporaryDirectory() as folder:
+            policy.save_pretrained(folder)
+            theirs = list(native_captions(folder, images, max_new_tokens))
+        if mine != theirs:
+            raise ContractError(f"{who}: the saved folder, reloaded natively, captions "
+                                f"{theirs[:2]} where the policy captions {mine[:2]}")
+    return rollout

@@ -26,7 +26,7 @@ from vlrm.distributed import World, sample_seeds
 from vlrm.errors import ConfigError, TrainingError, is_real
 from vlrm.evaluation import PeriodicEval, numeric
 from vlrm.faults import fault_point
-from vlrm.protocols import Policy, Reward
+from vlrm.protocols import Policy, Reward, SeededSampler, Shardable, implements, require
 from vlrm.rewards import CompositeReward, bind_if_policy_aware
 from vlrm.sharing import share_frozen_towers
 from vlrm.value_head import ValueHead
@@ -159,6 +159,8 @@ class Trainer:
         self.evaluation = evaluation
         self.world = world or World()
         self.output_dir = Path(output_dir)
+        require(policy, Policy, "policy")
+        require(reward, Reward, "reward")
         self.policy_params = list(policy.trainable_parameters())
         if not self.policy_params:
             raise ConfigError(f"the policy {type(policy).__name__} has no trainable parameters: "
@@ -167,10 +169,10 @@ class Trainer:
         self.value_head = ValueHead(policy.hidden_size, config.value_hidden).to(
             device, torch.float64 if dtype == torch.float64 else torch.float32)
         self.world.shard(range(config.images_per_step))  # fails early if it does not split
-        if config.sample_seeding == "per_image" and \
-                "seeds" not in inspect.signature(policy.sample).parameters:
+        if config.sample_seeding == "per_image" and not implements(policy, SeededSampler):
             raise ConfigError(f"trainer.sample_seeding per_image needs a policy whose sample() "
-                              f"takes seeds; {type(policy).__name__} does not")
+                              f"takes seeds (vlrm.protocols.SeededSampler); "
+                              f"{type(policy).__name__}'s does not")
         bind_if_policy_aware(reward, policy)  # before wrapping: a snapshot of the initial policy
         if isinstance(reward, CompositeReward):
             reward.gather_statistics_with(self.world.all_gather)
@@ -236,12 +238,11 @@ class Trainer:
         if self.config.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            if "state_dict" not in inspect.signature(self.policy.save_pretrained).parameters:
-                raise ConfigError(f"trainer.parallel fsdp needs a policy whose save_pretrained "
-                                  f"takes state_dict; {type(self.policy).__name__}'s does not")
-
-            units = getattr(self.policy, "fsdp_units", lambda: [])()
-            for unit in units:
+            if not implements(self.policy, Shardable):
+                raise ConfigError(f"trainer.parallel fsdp needs a policy that implements "
+                                  f"vlrm.protocols.Shardable (fsdp_units(), save_pretrained(path, "
+                                  f"state_dict=)); {type(self.policy).__name__} does not")
+            for unit in self.policy.fsdp_units():
                 fully_shard(unit)
             fully_shard(model)
             # Sampling calls the inner units outside the root's forward; the root must have

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vlrm.structs import RewardOutput, Rollout
+from vlrm.structs import RewardOutput
 
 
 class CaptionLengthReward:
@@ -21,8 +21,9 @@ class CaptionLengthReward:
             raise ValueError(f"target_words must be positive, got {target_words}")
         self.target_words = target_words
 
+    # No annotations needed: vlrm matches a reward by shape (a __call__ taking `rollout`).
     @torch.no_grad()
-    def __call__(self, rollout: Rollout) -> RewardOutput:
+    def __call__(self, rollout):
         words = torch.tensor([len(c.split()) for c in rollout.captions], dtype=torch.float32)
         score = 1.0 - (words - self.target_words).abs() / self.target_words
         return RewardOutput(sequence=score, metrics={"words": words.mean().item()})
