@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -30,7 +30,8 @@ from torch import nn
 from vlrm import hookimpl
 from vlrm.checkpoint import find_policy_dir, safe_load, write_policy_file
 from vlrm.errors import ConfigError, is_real
-from vlrm.sampling import decode_shared_prefix, generated_mask, policy_log_softmax
+from vlrm.sampling import (decode_shared_prefix, generated_mask, policy_log_softmax,
+                           score_tokens, token_logprobs)
 from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
 from vlrm_plugins.hf_common import (LORA_CONFIG, LORA_WEIGHTS, LoraSpec, ReferenceSnapshot,
@@ -254,8 +255,8 @@ class Blip2OptPolicy(nn.Module):
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         return policy_log_softmax(logits, self.temperature, self.suppressed)
 
-    def _forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Hidden states (B, T, H), full log-probs (B, T, V) and those of the tokens (B, T)."""
+    def _forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B, T, H) and logits (B, T, V) of the states that emit each token."""
         image_embeds = rollout.policy_state
         if image_embeds is None:
             image_embeds = self.encode_images(rollout.images)
@@ -271,12 +272,12 @@ class Blip2OptPolicy(nn.Module):
         # The state that emits t_k is the position just before it; the BOS emits t_1.
         start = prefix.shape[1] - 1
         hidden = hidden[:, start:start + tokens.shape[1]]  # (B, T, H)
-        logp = self._log_softmax(lm.get_output_embeddings()(hidden))  # (B, T, V)
-        return hidden, logp, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return hidden, lm.get_output_embeddings()(hidden)
 
     def evaluate(self, rollout: Rollout) -> PolicyOutput:
-        hidden, logp, logprobs = self._forward(rollout)
-        entropy = -(logp.exp() * logp).sum(-1)
+        hidden, logits = self._forward(rollout)
+        logprobs, entropy = score_tokens(logits, rollout.tokens.to(self.device), self.temperature,
+                                         self.suppressed)
         return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
 
     def snapshot_reference(self) -> int:
@@ -305,7 +306,9 @@ class Blip2OptPolicy(nn.Module):
         with self.reference():
             if "vision_model" in self.trainable:  # the cached features are the current ViT's
                 rollout = attrs.evolve(rollout, policy_state=None)
-            _, _, logprobs = self._forward(rollout)
+            _, logits = self._forward(rollout)
+            logprobs = token_logprobs(logits, rollout.tokens.to(self.device), self.temperature,
+                                      self.suppressed)
         return logprobs.float() * rollout.mask.to(logprobs.device)
 
     def delta_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:

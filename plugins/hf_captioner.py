@@ -21,64 +21,27 @@ policy never looks inside the model beyond transformers' common interfaces:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
 from torch import nn
 
 from vlrm import hookimpl
 from vlrm.checkpoint import find_policy_dir, read_policy_file, write_policy_file
 from vlrm.errors import ConfigError, is_real
-from vlrm.sampling import decode, generated_mask, policy_log_softmax, token_logprobs
+from vlrm.sampling import decode, generated_mask, score_tokens, token_logprobs
 from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
+from vlrm_plugins.hf_inputs import (DROPPED_KEYS, GENERATED_TOKEN_TYPE, SEQUENCE_KEYS, Prompt,
+                                    first_set, last_hidden, left_pad_cat,
+                                    positions, render_prompt, repeat_rope_deltas, text_model)
 from vlrm_plugins.hf_common import (LoraSpec, ReferenceSnapshot, add_lora, adapters_disabled,
                                     load_adapters, looks_local, lora_layers, match_names,
                                     quiet_transformers, resolve_lora, save_adapters,
                                     torch_dtype, without_adapters)
-
-#: Inputs that run along the prompt's tokens (left-padded when prompts differ in length).
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-#: Inputs a processor may return that are not model inputs for captioning.
-DROPPED_KEYS = ("labels",)
-#: The token type of generated text where it is not 0: PaliGemma marks the suffix (the part
-#: it generates, attended causally) with 1, its image + prompt prefix with 0.
-GENERATED_TOKEN_TYPE = {"paligemma": 1}
-
-Prompt = str | list[dict[str, Any]] | None
-
-
-def render_prompt(processor: Any, prompt: Prompt) -> str | None:
-    """The prompt text: None, a plain string as is, or chat messages rendered with the
-    processor's chat template (generation prompt added)."""
-    if prompt is None or isinstance(prompt, str):
-        return prompt
-    if not getattr(processor, "chat_template", None):
-        raise ConfigError("policy.prompt: chat messages need a processor with a chat template; "
-                          "this model's processor has none, so give the prompt as a plain string")
-    return processor.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-
-
-def left_pad_cat(rows: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One batch from per-image processor outputs: sequence inputs left-padded to the
-    longest prompt, everything else concatenated along its first axis (which also suits
-    inputs flattened over images, such as Qwen2-VL's patches)."""
-    longest = max(r["input_ids"].shape[1] for r in rows) if "input_ids" in rows[0] else 0
-    batch: dict[str, torch.Tensor] = {}
-    for key in rows[0]:
-        parts = [r[key] for r in rows]
-        if key in SEQUENCE_KEYS:
-            fill = pad_token_id if key == "input_ids" else 0
-            parts = [torch.nn.functional.pad(p, (longest - p.shape[1], 0), value=fill) for p in parts]
-        batch[key] = torch.cat(parts, dim=0)
-    return batch
-
 
 class HFCaptionerPolicy(nn.Module):
     """An image-text-to-text model of transformers as an RL policy.
@@ -135,8 +98,8 @@ class HFCaptionerPolicy(nn.Module):
         self._reference = ReferenceSnapshot()
         generation = model.generation_config
         text = model.config.get_text_config()
-        self.eos_token_id = _first_set(generation.eos_token_id, text.eos_token_id, self.tokenizer.eos_token_id)
-        self.pad_token_id = _first_set(generation.pad_token_id, text.pad_token_id,
+        self.eos_token_id = first_set(generation.eos_token_id, text.eos_token_id, self.tokenizer.eos_token_id)
+        self.pad_token_id = first_set(generation.pad_token_id, text.pad_token_id,
                                        self.tokenizer.pad_token_id, self.eos_token_id)
         if isinstance(self.pad_token_id, list):
             self.pad_token_id = self.pad_token_id[0]
@@ -149,10 +112,10 @@ class HFCaptionerPolicy(nn.Module):
         never = {self.pad_token_id, *image_tokens, *own, *suppress_tokens} - {None, *ends}
         self.suppressed = sorted(int(t) for t in never)
         self.hidden_size = model.get_output_embeddings().in_features
-        self.decoder_start_token_id = _first_set(generation.decoder_start_token_id,
+        self.decoder_start_token_id = first_set(generation.decoder_start_token_id,
                                                  getattr(text, "decoder_start_token_id", None),
                                                  self.pad_token_id)
-        self.text_model = _text_model(model)
+        self.text_model = text_model(model)
 
     @property
     def device(self) -> torch.device:
@@ -237,14 +200,14 @@ class HFCaptionerPolicy(nn.Module):
         """Decoder-only: one prefill of the N prompts, K samples from the repeated cache."""
         inputs = self.batch(state)
         attention = inputs["attention_mask"]
-        positions = _positions(attention)
-        prefill = self.model(**inputs, **self._position_kwargs(positions), use_cache=True)
+        prompt_positions = positions(attention)
+        prefill = self.model(**inputs, **self._position_kwargs(prompt_positions), use_cache=True)
         cache = getattr(prefill, "cache", None)
         if cache is not None:
             cache.batch_repeat_interleave(k)
-        _repeat_rope_deltas(self.model, k)
+        repeat_rope_deltas(self.model, k)
         attention = attention.repeat_interleave(k, dim=0)
-        next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
+        next_position = prompt_positions[:, -1:].repeat_interleave(k, dim=0) + 1
 
         lm = self.text_model  # later tokens need no image inputs
         if cache is None:  # BLIP-2 / InstructBLIP keep the language model's output apart
@@ -308,11 +271,14 @@ class HFCaptionerPolicy(nn.Module):
     @torch.no_grad()
     def caption(self, images: Sequence[Any], max_new_tokens: int = 60, num_beams: int = 1,
                 allowed_tokens: Any = None) -> tuple[list[str], list[int]]:
-        """Greedy (or beam-search) captions with the policy's prompt; see ``Captioner``."""
+        """Greedy (or beam-search) captions with the policy's prompt; see ``Captioner``.
+        ``allowed_tokens(batch_id, caption_ids)`` may constrain each step (it receives the
+        caption's tokens so far, without the prompt)."""
         config = self.generation_config(do_sample=False, num_beams=num_beams,
                                         max_new_tokens=max_new_tokens)
-        out = self.model.generate(**self.batch(self.encode(images)), generation_config=config,
-                                  prefix_allowed_tokens_fn=allowed_tokens)
+        inputs = self.batch(self.encode(images))
+        out = self.model.generate(**inputs, generation_config=config,
+                                  prefix_allowed_tokens_fn=_caption_only(allowed_tokens))
         tokens = out.sequences[:, -len(out.logits):]
         mask = generated_mask(tokens, self.eos_token_id)
         rows = [row[keep].tolist() for row, keep in zip(tokens, mask)]
@@ -336,7 +302,7 @@ class HFCaptionerPolicy(nn.Module):
             out = self.model(**inputs, decoder_input_ids=torch.cat([start, tokens[:, :-1]], dim=1),
                              decoder_attention_mask=torch.cat([torch.ones_like(start), mask[:, :-1]], dim=1),
                              output_hidden_states=True, use_cache=False)
-            return _last_hidden(out, decoder=True), out.logits
+            return last_hidden(out, decoder=True), out.logits
         attention = torch.cat([inputs["attention_mask"], mask], dim=1)
         inputs.update(input_ids=torch.cat([inputs["input_ids"], tokens], dim=1), attention_mask=attention)
         for key in SEQUENCE_KEYS[2:]:  # extra per-token inputs continue as generated text
@@ -344,18 +310,16 @@ class HFCaptionerPolicy(nn.Module):
                 kind = GENERATED_TOKEN_TYPE.get(self.model.config.model_type, 0) \
                     if key == "token_type_ids" else 0
                 inputs[key] = torch.cat([inputs[key], torch.full_like(tokens, kind)], dim=1)
-        out = self.model(**inputs, **self._position_kwargs(_positions(attention)),
+        out = self.model(**inputs, **self._position_kwargs(positions(attention)),
                          output_hidden_states=True, use_cache=False)
         # The state that emits t_k is the position before it: align to the sequence's end.
-        hidden = _last_hidden(out, decoder=False)[:, -(t + 1):-1]
+        hidden = last_hidden(out, decoder=False)[:, -(t + 1):-1]
         return hidden, out.logits[:, -(t + 1):-1]
 
     def evaluate(self, rollout: Rollout) -> PolicyOutput:
         hidden, logits = self._forward(rollout)
-        logp = policy_log_softmax(logits, self.temperature, self.suppressed)  # (B, T, V)
-        tokens = rollout.tokens.to(self.device)
-        logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        logprobs, entropy = score_tokens(logits, rollout.tokens.to(self.device), self.temperature,
+                                         self.suppressed)
         return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
 
     # -- reference policy and reference LM --------------------------------------------
@@ -422,43 +386,17 @@ class HFCaptionerPolicy(nn.Module):
             self.processor.save_pretrained(path)
 
 
-def _first_set(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
+def _caption_only(allowed_tokens: Any) -> Any:
+    """``allowed_tokens`` as transformers' ``prefix_allowed_tokens_fn``, given the caption's
+    tokens only: the first call for a row sees its whole prompt, whose length is kept."""
+    if allowed_tokens is None:
+        return None
+    starts: dict[int, int] = {}
 
+    def constrain(batch_id: int, ids: torch.Tensor) -> list[int]:
+        return allowed_tokens(batch_id, ids[starts.setdefault(batch_id, len(ids)):])
 
-def _positions(attention: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding. Shape: (B, L), long."""
-    return (attention.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _repeat_rope_deltas(model: nn.Module, k: int) -> None:
-    """Qwen2-VL keeps per-prompt position offsets from the prefill; repeat them with the cache."""
-    inner = getattr(model, "model", None)
-    deltas = getattr(inner, "rope_deltas", None)
-    if isinstance(deltas, torch.Tensor):
-        inner.rope_deltas = deltas.repeat_interleave(k, dim=0)
-
-
-def _last_hidden(out: Any, decoder: bool) -> torch.Tensor:
-    """The language model's last-layer hidden states from a model output."""
-    states = getattr(out, "decoder_hidden_states" if decoder else "hidden_states", None)
-    if states is None and getattr(out, "language_model_outputs", None) is not None:
-        inner = out.language_model_outputs  # BLIP-2 / InstructBLIP
-        states = inner.decoder_hidden_states if decoder else inner.hidden_states
-    if states is None:
-        raise RuntimeError("the model returned no hidden states with output_hidden_states=True")
-    return states[-1]
-
-
-def _text_model(model: nn.Module) -> nn.Module:
-    """The part that runs text without images: the inner language model with its own head
-    where the captioner keeps one apart (BLIP-2, InstructBLIP), else the captioner itself
-    (LLaVA-style and encoder-decoder models run on ``input_ids`` alone)."""
-    inner = getattr(model, "language_model", None)
-    if isinstance(inner, nn.Module) and hasattr(inner, "get_output_embeddings") \
-            and inner.get_output_embeddings() is not None:
-        return inner
-    return model
+    return constrain
 
 
 def _text_only_logits(policy: HFCaptionerPolicy, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -473,7 +411,7 @@ def _text_only_logits(policy: HFCaptionerPolicy, tokens: torch.Tensor, mask: tor
                   decoder_input_ids=torch.cat([start, tokens[:, :-1]], dim=1),
                   decoder_attention_mask=torch.cat([ones, mask[:, :-1].long()], dim=1)).logits
     ends = policy.eos_token_id if isinstance(policy.eos_token_id, list) else [policy.eos_token_id]
-    start = ones * _first_set(policy.model.generation_config.bos_token_id, tokenizer.bos_token_id, ends[0])
+    start = ones * first_set(policy.model.generation_config.bos_token_id, tokenizer.bos_token_id, ends[0])
     inputs = torch.cat([start, tokens], dim=1)
     attention = torch.cat([ones, mask.long()], dim=1)
     return lm(input_ids=inputs, attention_mask=attention).logits[:, :-1]
@@ -553,31 +491,6 @@ def hf_captioner(
     for param in policy.trainable_parameters():
         param.data = param.data.to(torch_dtype(trainable_dtype))
     return policy.to(device)
-
-
-def native_captions(folder: str, images: Sequence[Any], max_new_tokens: int = 20) -> list[str]:
-    """Greedy captions as a user of plain transformers gets them from a saved policy folder:
-    ``AutoModelForImageTextToText`` + ``AutoProcessor``, the saved prompt, the saved
-    generation config's suppressed tokens. (For ``vlrm.testing.check_policy``.)"""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    text = render_prompt(processor, read_policy_file(folder).get("prompt"))
-    kwargs: dict[str, Any] = {"images": [[image] for image in images], "return_tensors": "pt"}
-    if text is not None:
-        kwargs.update(text=[text] * len(images), padding=True)
-    inputs = {k: v for k, v in processor(**kwargs).items() if k not in DROPPED_KEYS}
-    with torch.no_grad():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                             suppress_tokens=list(model.generation_config.suppress_tokens or []),
-                             return_dict_in_generate=True, output_logits=True)
-    new = out.sequences[:, -len(out.logits):]
-    ends = model.generation_config.eos_token_id
-    mask = generated_mask(new, ends)
-    rows = [row[keep].tolist() for row, keep in zip(new, mask)]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 def tiny_hf_captioner(family: str = "llava", seed: int = 0, trainable: Sequence[str] | None = None,

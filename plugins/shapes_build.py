@@ -352,6 +352,7 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
                 reward_clip_steps: int = 1500, judge_clip_steps: int = 1500,
                 vision_steps: int = 2000, captioner_steps: int = 3000,
                 captioner_style_dropout: float = 0.5, itm_steps: int = 1500,
+                llava_vision_steps: int = 1500, llava_steps: int = 6000,
                 workers: int = 2, progress: bool = True) -> dict[str, Any]:
     """Train every model of the shapes world and write them to ``out_dir``.
 
@@ -366,6 +367,9 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         captioner_style_dropout: Share of captions trained with a style vector (see
             ``train_captioner``).
         itm_steps: Steps of the ITM reward model (``shapes_itm.build_itm``); 0 = none.
+        llava_vision_steps: Contrastive steps of the LLaVA-style captioner's vision tower.
+        llava_steps: Cross-entropy steps of the LLaVA-style captioner
+            (``shapes_llava.build_llava``); 0 = no second captioner.
         workers: 2 trains the two CLIPs in a second process beside the captioner's vision
             encoder and captioner, one torch thread each; 1 runs every stage in turn [ours: 2,
             for a 2-core CPU; the stages share nothing, so the models are the same either way
@@ -409,6 +413,13 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         held_out = min(500, train_images)
         record = build_itm(str(out), steps=itm_steps, seed=seed + 5, train_images=train_images,
                            progress=progress, eval_images=held_out, recall_images=held_out)
+    if llava_steps:  # 5. the second captioner family, LLaVA-style
+        from vlrm_plugins.shapes_llava import build_llava
+
+        build_llava(str(out), vision_steps=llava_vision_steps, steps=llava_steps, seed=seed + 21,
+                    style_dropout=captioner_style_dropout, train_images=train_images,
+                    progress=progress)
+        record = json.loads((out / "build.json").read_text())
     return record
 
 

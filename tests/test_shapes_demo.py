@@ -16,9 +16,29 @@ def built(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("world")
     record = build_world(str(out), train_images=256, reward_clip_steps=20, judge_clip_steps=20,
-                         vision_steps=20, captioner_steps=40, itm_steps=5, progress=False)
+                         vision_steps=20, captioner_steps=40, itm_steps=5, llava_vision_steps=5,
+                         llava_steps=10, progress=False)
     assert record["captioner"]["steps"] == 40 and record["itm"]["steps"] == 5
+    assert record["llava_captioner"]["steps"] == 10
     return out
+
+
+def test_build_writes_a_llava_captioner_that_transformers_and_the_policy_load(built):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    from vlrm.testing import check_policy
+    from vlrm_plugins.hf_inputs import native_captions
+    from vlrm_plugins.shapes_llava import shapes_llava_captioner
+    from vlrm_plugins.shapes_world import ShapesWorld
+
+    folder = built / "llava_captioner"
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(str(folder)), LlavaForConditionalGeneration)
+    AutoProcessor.from_pretrained(str(folder))
+    policy = shapes_llava_captioner(str(built), max_new_tokens=6)
+    assert {n for n, p in policy.model.named_parameters() if p.requires_grad} == {
+        f"model.multi_modal_projector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
+    images = [ShapesWorld(0).image("test", i) for i in range(3)]
+    check_policy(policy, images, native_captions=native_captions, max_new_tokens=6)
 
 
 def test_build_writes_models_the_real_loaders_read(built):
@@ -105,7 +125,8 @@ def test_build_in_one_process_trains_the_same_clips(built, tmp_path):
     from vlrm_plugins.shapes_build import build_world
 
     record = build_world(str(tmp_path), train_images=256, reward_clip_steps=20, judge_clip_steps=20,
-                         vision_steps=20, captioner_steps=40, itm_steps=0, workers=1, progress=False)
+                         vision_steps=20, captioner_steps=40, itm_steps=0, llava_steps=0, workers=1,
+                         progress=False)
     assert record["workers"] == 1 and "itm" not in record
     for clip in ("reward_clip", "judge_clip"):
         ours = {k: v for f in (tmp_path / clip).glob("*.safetensors") for k, v in load_file(f).items()}

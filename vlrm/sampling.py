@@ -81,6 +81,24 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def score_tokens(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                 suppressed: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy of the policy at each scored position (``policy_log_softmax``),
+    with gradients: what a policy's ``evaluate`` returns besides its hidden states.
+
+    Args:
+        logits: Shape: (B, T, V), the states that emit each token.
+        tokens: Shape: (B, T), long.
+
+    Returns:
+        logprobs: Shape: (B, T). log pi(tokens).
+        entropy: Shape: (B, T). -sum_v pi(v) log pi(v).
+    """
+    logp = policy_log_softmax(logits, temperature, suppressed)
+    logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logprobs, -(logp.exp() * logp).sum(-1)
+
+
 def draw(probs: torch.Tensor, num_samples: int,
          generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """One token per row from ``probs``.

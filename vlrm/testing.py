@@ -260,7 +260,7 @@ def check_policy(policy: Any, images: Sequence[Any] | None = None, num_samples: 
         atol: Tolerance of the log-prob reproduction (float32).
         native_captions: ``fn(folder, images, max_new_tokens) -> list[str]``: greedy
             captions by the native library from a saved folder (e.g.
-            ``vlrm_plugins.hf_captioner.native_captions``); None skips the reload check.
+            ``vlrm_plugins.hf_inputs.native_captions``); None skips the reload check.
         max_new_tokens: Caption length for the reload check.
 
     Returns:

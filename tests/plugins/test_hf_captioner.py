@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vlrm.testing import check_policy, synthetic_images
-from vlrm_plugins.hf_captioner import hf_captioner, native_captions, tiny_hf_captioner
+from vlrm_plugins.hf_captioner import hf_captioner, tiny_hf_captioner
+from vlrm_plugins.hf_inputs import native_captions
 from vlrm_plugins.hf_tiny import FAMILIES, save_tiny_captioner
 
 
@@ -130,3 +131,19 @@ def test_text_logprobs_is_the_language_model_without_the_image():
     assert (text[~rollout.mask] == 0).all()
     # the image changes the captioner's distribution, text alone does not see it
     assert not torch.allclose(text, rollout.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "florence2", "git"])
+def test_allowed_tokens_sees_the_caption_without_the_prompt(family):
+    """The constraint gets the caption so far: empty at the first step, whatever the prompt."""
+    policy = tiny_hf_captioner(family, max_new_tokens=4)
+    seen = []
+    chosen = policy.tokenizer.convert_tokens_to_ids(policy.tokenizer.tokenize("red")[:1])
+
+    def allowed(batch_id, ids):
+        seen.append(len(ids))
+        return chosen
+
+    captions, lengths = policy.caption(synthetic_images(2), max_new_tokens=3, allowed_tokens=allowed)
+    assert min(seen) == 0 and max(seen) == 2
+    assert captions == policy.decode([chosen * 3] * 2) and lengths == [3, 3]
