@@ -116,6 +116,24 @@ class HFCaptionerPolicy(nn.Module):
                                                  getattr(text, "decoder_start_token_id", None),
                                                  self.pad_token_id)
         self.text_model = text_model(model)
+        if self.prompt_text is None:
+            self._check_no_prompt()
+
+    def _check_no_prompt(self) -> None:
+        """A model that needs a prompt (its image placeholders live in the text) fails its
+        first caption without one: find out now, with one token on a blank image."""
+        from PIL import Image
+
+        try:
+            with torch.no_grad():
+                self.model.generate(**self.batch(self.encode([Image.new("RGB", (32, 32))])),
+                                    generation_config=self.generation_config(max_new_tokens=1))
+        except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
+            name = self.model.config._name_or_path or type(self.model).__name__
+            raise ConfigError(
+                f"policy.init_args.prompt: {name!r} ({type(self.model).__name__}) cannot caption "
+                f"without a prompt ({str(exc).splitlines()[0][:160]}); give one, e.g. chat "
+                "messages with an image part, or a string with the image placeholder") from exc
 
     @property
     def device(self) -> torch.device:

@@ -352,7 +352,7 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
                 reward_clip_steps: int = 1500, judge_clip_steps: int = 1500,
                 vision_steps: int = 2000, captioner_steps: int = 3000,
                 captioner_style_dropout: float = 0.5, itm_steps: int = 1500,
-                llava_vision_steps: int = 1500, llava_steps: int = 6000,
+                llava_vision_steps: int = 1000, llava_steps: int = 4000,
                 workers: int = 2, progress: bool = True) -> dict[str, Any]:
     """Train every model of the shapes world and write them to ``out_dir``.
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlrm import hookimpl
 from vlrm.errors import ConfigError
 from vlrm_plugins.shapes_build import (caption_kinds, optimise, pixels, pretrain_vision,
                                        word_tokenizer)
@@ -84,18 +85,24 @@ def train_llava_captioner(model: Any, tokenizer: Any, world: ShapesWorld, featur
     coin = torch.Generator().manual_seed(seed + 1)
     p = features.shape[1]
 
+    # every caption tokenised once: (N, L) ids, end token included, padded
+    rows = [tokenizer(world.biased_caption("train", i), add_special_tokens=False)["input_ids"] + [eos]
+            for i in range(len(features))]
+    longest = max(map(len, rows))
+    all_tokens = torch.tensor([r + [pad] * (longest - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        captions = [world.biased_caption("train", i) for i in idx.tolist()]
-        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in captions]
-        width = max(map(len, ids))
-        tokens = torch.tensor([row + [pad] * (width - len(row)) for row in ids])
-        mask = torch.tensor([[k < len(row) for k in range(width)] for row in ids])
+        width = int(lengths[idx].max())
+        tokens = all_tokens[idx, :width]
+        mask = torch.arange(width)[None, :] < lengths[idx, None]
         on = (torch.rand(len(idx), generator=coin) < style_dropout).float()[:, None, None]
         patches = projector(features[idx]) + style(kinds[idx])[:, None, :] * on
         start = embed(torch.full((len(idx), 1), bos))
         inputs = torch.cat([patches, start, embed(tokens)], dim=1)
-        attention = torch.cat([torch.ones((len(idx), p + 1), dtype=torch.long), mask.long()], dim=1)
-        hidden = lm(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
+        # no attention mask: the padding comes after each caption, and causal attention never
+        # lets a real token see a later one (the masked loss ignores the padding's outputs)
+        hidden = lm(inputs_embeds=inputs).last_hidden_state
         logp = torch.log_softmax(head(hidden[:, p:p + width]).float(), dim=-1)  # BOS emits t_1
         logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return -(logp * mask).sum() / mask.sum()
@@ -106,8 +113,8 @@ def train_llava_captioner(model: Any, tokenizer: Any, world: ShapesWorld, featur
     return {**fit, "style_dropout": style_dropout}
 
 
-def build_llava(weights: str = "plugins/shapes_weights", vision_steps: int = 1500,
-                steps: int = 6000, lr: float = 1e-3, seed: int = 21, style_dropout: float = 0.5,
+def build_llava(weights: str = "plugins/shapes_weights", vision_steps: int = 1000,
+                steps: int = 4000, lr: float = 1e-3, seed: int = 21, style_dropout: float = 0.5,
                 train_images: int = 12000, progress: bool = True) -> dict[str, Any]:
     """Build the LLaVA-style captioner into ``<weights>/llava_captioner`` and record it in
     ``build.json``.
@@ -181,3 +188,8 @@ def shapes_llava_captioner(weights: str | None = None, max_new_tokens: int = 20,
                         max_new_tokens=max_new_tokens, temperature=temperature,
                         lora_rank=lora_rank,
                         lora_targets=("*layers.*.self_attn.q_proj", "*layers.*.self_attn.v_proj"))
+
+
+@hookimpl
+def vlrm_register_policies() -> dict[str, Any]:
+    return {"shapes_llava_captioner": shapes_llava_captioner}

@@ -98,6 +98,9 @@ def test_a_pattern_that_matches_nothing_is_an_error_naming_it(tmp_path):
         hf_captioner(str(tmp_path), trainable=["model.no_such_projector"], prompt=spec.prompt)
     with pytest.raises(ConfigError, match="trainable"):
         hf_captioner(str(tmp_path), prompt=spec.prompt)
+    # LLaVA's image placeholder lives in the prompt: none at all is a config error
+    with pytest.raises(ConfigError, match="policy.init_args.prompt.*LlavaForConditionalGeneration"):
+        hf_captioner(str(tmp_path), trainable=list(spec.trainable), prompt=None)
 
 
 def test_a_missing_folder_names_the_key():
