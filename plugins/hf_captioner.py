@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -37,11 +38,33 @@ from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
 from vlrm_plugins.hf_inputs import (DROPPED_KEYS, GENERATED_TOKEN_TYPE, SEQUENCE_KEYS, Prompt,
                                     first_set, last_hidden, left_pad_cat,
-                                    positions, render_prompt, repeat_rope_deltas, text_model)
+                                    positions, render_prompt, select_rope_deltas, text_model)
 from vlrm_plugins.hf_common import (LoraSpec, ReferenceSnapshot, add_lora, adapters_disabled,
                                     load_adapters, looks_local, lora_layers, match_names,
                                     quiet_transformers, resolve_lora, save_adapters,
                                     torch_dtype, without_adapters)
+
+@attrs.define
+class Prefix:
+    """Each row's prompt, run once per image: the language model's cache (rows selected),
+    the attention mask so far (B, P'), the position of the next token (B, 1), and the logits
+    (B, V) and hidden state (B, H) of the last position fed."""
+
+    cache: Any
+    attention: torch.Tensor
+    next_position: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+@attrs.frozen
+class State:
+    """What a rollout keeps for scoring: the images' processor inputs, and whether the
+    prompts were prefilled once per image (then scoring does the same)."""
+
+    inputs: list[dict[str, torch.Tensor]]
+    shared: bool
+
 
 class HFCaptionerPolicy(nn.Module):
     """An image-text-to-text model of transformers as an RL policy.
@@ -194,7 +217,8 @@ class HFCaptionerPolicy(nn.Module):
             generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
         else:
             generators = None
-        if self.shared_prefill and "input_ids" in state[0]:
+        shared = self.shared_prefill and "input_ids" in state[0]
+        if shared:
             tokens, logprobs = self._decode_shared(state, num_samples, generators)
         else:
             tokens, logprobs, prompts = self._generate(state, num_samples, seeds)
@@ -211,38 +235,54 @@ class HFCaptionerPolicy(nn.Module):
             images=list(images), image_ids=list(image_ids), group=group, tokens=tokens,
             mask=mask, logprobs=logprobs * mask, captions=captions,
             token_ends=token_char_ends(self.tokenizer, rows, captions, tokens.shape[1]),
-            policy_state=state)
+            policy_state=State(state, shared))
 
-    def _decode_shared(self, state: list[dict[str, torch.Tensor]], k: int,
-                       generators: Sequence[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder-only: one prefill of the N prompts, K samples from the repeated cache."""
+    def _prefill(self, state: list[dict[str, torch.Tensor]], rows: torch.Tensor,
+                 hidden: bool = False) -> Prefix:
+        """Decoder-only: run each image's prompt once, then give every row its image's cache.
+
+        Args:
+            state: The N images' processor inputs.
+            rows: Shape: (B,). The image of each row (sampling: each image K times).
+            hidden: Also return the last prompt position's hidden state (for the value head).
+        """
         inputs = self.batch(state)
         attention = inputs["attention_mask"]
         prompt_positions = positions(attention)
-        prefill = self.model(**inputs, **self._position_kwargs(prompt_positions), use_cache=True)
-        cache = getattr(prefill, "cache", None)
-        if cache is not None:
-            cache.batch_repeat_interleave(k)
-        repeat_rope_deltas(self.model, k)
-        attention = attention.repeat_interleave(k, dim=0)
-        next_position = prompt_positions[:, -1:].repeat_interleave(k, dim=0) + 1
+        out = self.model(**inputs, **self._position_kwargs(prompt_positions), use_cache=True,
+                         output_hidden_states=hidden)
+        # BLIP-2 / InstructBLIP keep the language model's output (and cache) apart
+        cache = getattr(out, "cache", None) or out.language_model_outputs.cache
+        cache.batch_select_indices(rows)
+        select_rope_deltas(self.model, rows)
+        return Prefix(cache=cache, attention=attention[rows],
+                      next_position=prompt_positions[rows, -1:] + 1,
+                      logits=out.logits[rows, -1],
+                      hidden=last_hidden(out, decoder=False)[rows, -1] if hidden else None)
 
-        lm = self.text_model  # later tokens need no image inputs
-        if cache is None:  # BLIP-2 / InstructBLIP keep the language model's output apart
-            cache = prefill.language_model_outputs.cache
-            cache.batch_repeat_interleave(k)
+    def _continue(self, prefix: Prefix, tokens: torch.Tensor, hidden: bool = False) -> Any:
+        """Feed ``tokens`` (B, L) after what the cache holds, through the language model
+        alone (the image is in the cache); returns the model output."""
+        length = tokens.shape[1]
+        prefix.attention = torch.cat([prefix.attention, torch.ones_like(tokens)], dim=1)
+        place = prefix.next_position + torch.arange(length, device=tokens.device)
+        prefix.next_position = prefix.next_position + length
+        return self.text_model(input_ids=tokens, attention_mask=prefix.attention, cache=prefix.cache,
+                               use_cache=True, output_hidden_states=hidden,
+                               **self._position_kwargs(place, decoding=True))
+
+    def _decode_shared(self, state: list[dict[str, torch.Tensor]], k: int,
+                       generators: Sequence[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder-only: one prefill of the N prompts, K samples from each image's cache."""
+        rows = torch.arange(len(state), device=self.device).repeat_interleave(k)
+        prefix = self._prefill(state, rows)
 
         def step(drawn: torch.Tensor, t: int) -> torch.Tensor:
-            nonlocal cache, attention
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            out = lm(input_ids=drawn.unsqueeze(1), attention_mask=attention, cache=cache,
-                     use_cache=True, **self._position_kwargs(next_position + t, decoding=True))
-            cache = out.cache
-            return out.logits[:, -1]
+            return self._continue(prefix, drawn.unsqueeze(1)).logits[:, -1]
 
-        first = prefill.logits[:, -1].float().repeat_interleave(k, dim=0)
-        return decode(first, step, k, self.max_new_tokens, self.eos_token_id, self.pad_token_id,
-                      self.temperature, self.top_k, self.top_p, self.suppressed, generators)
+        return decode(prefix.logits.float(), step, k, self.max_new_tokens, self.eos_token_id,
+                      self.pad_token_id, self.temperature, self.top_k, self.top_p,
+                      self.suppressed, generators)
 
     def _position_kwargs(self, positions: torch.Tensor, decoding: bool = False) -> dict[str, torch.Tensor]:
         """Explicit positions that skip left padding. Multimodal-rotary models (Qwen2-VL)
@@ -310,8 +350,13 @@ class HFCaptionerPolicy(nn.Module):
 
     def _forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (B, T, H) and logits (B, T, V) of the states that emit each token."""
-        state = rollout.policy_state if rollout.policy_state is not None else self.encode(rollout.images)
-        inputs = self.batch([state[i] for i in rollout.group.tolist()])
+        state = rollout.policy_state
+        if state is None:
+            inputs = self.encode(rollout.images)
+            state = State(inputs, self.shared_prefill and "input_ids" in inputs[0])
+        if state.shared:
+            return self._forward_shared(state.inputs, rollout)
+        inputs = self.batch([state.inputs[i] for i in rollout.group.tolist()])
         tokens = rollout.tokens.to(self.device)
         mask = rollout.mask.to(self.device).long()
         t = tokens.shape[1]
@@ -333,6 +378,20 @@ class HFCaptionerPolicy(nn.Module):
         # The state that emits t_k is the position before it: align to the sequence's end.
         hidden = last_hidden(out, decoder=False)[:, -(t + 1):-1]
         return hidden, out.logits[:, -(t + 1):-1]
+
+    def _forward_shared(self, state: list[dict[str, torch.Tensor]], rollout: Rollout,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``_forward``, with each image's prompt run once (with gradients) and its cache
+        shared by the image's captions, as sampling did: the prompt's tokens (hundreds of
+        image tokens for LLaVA-style models) are not recomputed per caption."""
+        prefix = self._prefill(state, rollout.group.to(self.device), hidden=True)
+        hidden, logits = [prefix.hidden.unsqueeze(1)], [prefix.logits.unsqueeze(1)]
+        tokens = rollout.tokens.to(self.device)
+        if tokens.shape[1] > 1:  # t_k for k >= 2 is emitted at t_{k-1}'s position
+            out = self._continue(prefix, tokens[:, :-1], hidden=True)
+            hidden.append(last_hidden(out, decoder=False))
+            logits.append(out.logits)
+        return torch.cat(hidden, dim=1), torch.cat(logits, dim=1)
 
     def evaluate(self, rollout: Rollout) -> PolicyOutput:
         hidden, logits = self._forward(rollout)

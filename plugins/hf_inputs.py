@@ -64,12 +64,13 @@ def positions(attention: torch.Tensor) -> torch.Tensor:
     return (attention.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def repeat_rope_deltas(model: nn.Module, k: int) -> None:
-    """Qwen2-VL keeps per-prompt position offsets from the prefill; repeat them with the cache."""
+def select_rope_deltas(model: nn.Module, rows: torch.Tensor) -> None:
+    """Qwen2-VL keeps per-prompt position offsets from the prefill; select each row's, as
+    the cache's rows are selected. Shape of ``rows``: (B,)."""
     inner = getattr(model, "model", None)
     deltas = getattr(inner, "rope_deltas", None)
     if isinstance(deltas, torch.Tensor):
-        inner.rope_deltas = deltas.repeat_interleave(k, dim=0)
+        inner.rope_deltas = deltas[rows]
 
 
 def last_hidden(out: Any, decoder: bool) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
+from vlrm_plugins.hf_captioner import HFCaptionerPolicy, hf_captioner
 from vlrm_plugins.shapes_build import (caption_kinds, optimise, pixels, pretrain_vision,
                                        word_tokenizer)
 from vlrm_plugins.shapes_world import ShapesWorld, weights_dir
@@ -168,7 +169,7 @@ def build_llava(weights: str = "plugins/shapes_weights", vision_steps: int = 100
 
 def shapes_llava_captioner(weights: str | None = None, max_new_tokens: int = 20,
                            temperature: float = 1.0, trainable: tuple[str, ...] = TRAINABLE,
-                           lora_rank: int = 0) -> Any:
+                           lora_rank: int = 0) -> HFCaptionerPolicy:
     """The world's LLaVA-style cross-entropy captioner as an ``hf_captioner`` policy.
 
     Args:
@@ -178,8 +179,6 @@ def shapes_llava_captioner(weights: str | None = None, max_new_tokens: int = 20,
         trainable: Parts that train [ours: the projector alone].
         lora_rank: LoRA adapters on the language model's q/v projections (0 = none).
     """
-    from vlrm_plugins.hf_captioner import hf_captioner
-
     folder = weights_dir(weights) / FOLDER
     if not folder.is_dir():
         raise ConfigError(f"no LLaVA captioner in {str(folder.parent)!r}: build it with "

@@ -26,6 +26,7 @@ def _short_error(message: str, limit: int = 6) -> str:
 def _protocol_reasons(message: str) -> str:
     """Why a class does not fit the protocol jsonargparse refused it for (it gives none)."""
     import importlib
+    import inspect
     import re
 
     from vlrm import protocols
@@ -39,6 +40,10 @@ def _protocol_reasons(message: str) -> str:
         target = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return ""
+    if inspect.isfunction(target):
+        return (f" {found.group(1)} is a function: a builder must annotate its return type with "
+                f"the class it builds (e.g. `-> MyPolicy`) so that it can be checked against "
+                f"vlrm.protocols.{protocol.__name__}.")
     problems = protocols.explain(target, protocol)
     return f" It does not fit vlrm.protocols.{protocol.__name__}: {'; '.join(problems)}." if problems else ""
 

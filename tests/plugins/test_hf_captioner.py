@@ -150,3 +150,28 @@ def test_allowed_tokens_sees_the_caption_without_the_prompt(family):
     captions, lengths = policy.caption(synthetic_images(2), max_new_tokens=3, allowed_tokens=allowed)
     assert min(seen) == 0 and max(seen) == 2
     assert captions == policy.decode([chosen * 3] * 2) and lengths == [3, 3]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma", "instructblip"])
+def test_scoring_from_one_prefill_per_image_equals_the_full_forward(family):
+    """Scoring runs each image's prompt once and shares its cache among the image's captions;
+    log-probs, hidden states and the trainable parts' gradients equal those of one forward of
+    prompt + caption per caption."""
+    import attrs
+
+    policy = tiny_hf_captioner(family, max_new_tokens=5)
+    torch.manual_seed(1)
+    rollout = policy.sample(synthetic_images(2), ["a", "b"], 3)
+    assert rollout.policy_state.shared
+    results = []
+    for state in (rollout.policy_state, attrs.evolve(rollout.policy_state, shared=False)):
+        out = policy.evaluate(attrs.evolve(rollout, policy_state=state))
+        params = list(policy.trainable_parameters())
+        grads = torch.autograd.grad((out.logprobs * rollout.mask).sum()
+                                    + (out.hidden * rollout.mask[..., None]).sum(), params)
+        results.append((out.logprobs.detach(), out.hidden.detach(), grads))
+    (lp1, h1, g1), (lp2, h2, g2) = results
+    mask = rollout.mask
+    assert torch.allclose(lp1[mask], lp2[mask], atol=1e-5)
+    assert torch.allclose(h1[mask], h2[mask], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
