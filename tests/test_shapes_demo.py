@@ -73,12 +73,14 @@ def test_full_grammar_constraint_forces_complete_captions(built):
         assert all(o.colour and o.size for o in parsed.objects), caption
 
 
-def test_short_demo_writes_summary_and_report(built, tmp_path, capsys):
+@pytest.mark.parametrize("config", ["vlrm_rs.yaml", "llava_rs.yaml"])
+def test_short_demo_writes_summary_and_report(built, tmp_path, capsys, config):
+    """Both captioner families (BLIP-2 OPT and the LLaVA-style one through hf_captioner)."""
     from vlrm_plugins.shapes_demo import SUMMARY_KEYS, main
 
     out = tmp_path / "demo"
     w = str(built)
-    assert main(["demo", "--config", str(ROOT / "configs" / "shapes" / "vlrm_rs.yaml"),
+    assert main(["demo", "--config", str(ROOT / "configs" / "shapes" / config),
                  f"--policy.init_args.weights={w}", f"--reward.terms.clip.reward.init_args.weights={w}",
                  f"--demo.weights={w}", "--demo.test_images=40", "--trainer.max_steps=2",
                  "--trainer.images_per_step=4", "--trainer.samples_per_image=2",
