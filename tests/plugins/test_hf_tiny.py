@@ -23,8 +23,6 @@ LM_PREFIX = {
     "gemma3": "model.language_model.", "instructblip": "language_model.",
     "blip2_t5": "language_model.", "florence2": "model.language_model.", "git": "git.encoder.",
 }
-# Families whose prompt KV cache can be computed once per image and shared by its K samples.
-SHARED_PREFILL = ("llava", "idefics3", "qwen2_vl", "gemma3", "instructblip")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -226,34 +224,3 @@ def test_language_model_scores_text_alone(saved):
             logits = lm(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).logits
     assert logits.shape[:2] == (2, text["input_ids"].shape[1] + spec.encoder_decoder)
     assert torch.isfinite(logits).all()
-
-
-def test_shared_prefill_gives_the_same_samples(saved, images):
-    """Prefill each prompt (minus its last token) once, share the cache by the K samples."""
-    spec, model, processor = saved
-    if spec.family not in SHARED_PREFILL:
-        pytest.skip("encoder-decoder, prefix-LM (PaliGemma) or no prompt (GIT)")
-    inputs = model_inputs(spec, processor, images)
-    plain = sample(model, inputs)
-    head = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "token_type_ids",
-                                   "mm_token_type_ids") else v for k, v in inputs.items()}
-    if spec.family != "qwen2_vl":  # positions as generate() counts them
-        head["position_ids"] = (head["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        out = model(**head, use_cache=True)
-    outputs = out.language_model_outputs if spec.family == "instructblip" else out
-    cache = outputs.cache
-    cache.batch_repeat_interleave(K)
-    if spec.family == "qwen2_vl":  # per-row offsets of the 3-D positions
-        model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(K, 0)
-    full = repeat_samples({k: v for k, v in inputs.items()
-                           if k in ("input_ids", "attention_mask", "token_type_ids")}, K)
-    # InstructBLIP's generate() insists on pixel_values; its LM continues the cache itself.
-    generate = model.language_model.generate if spec.family == "instructblip" else model.generate
-    torch.manual_seed(0)
-    with torch.no_grad():
-        shared = generate(**full, cache=cache, do_sample=True, max_new_tokens=T,
-                          output_logits=True, return_dict_in_generate=True,
-                          suppress_tokens=list(model.generation_config.suppress_tokens))
-    assert torch.equal(shared.sequences, plain.sequences)
-    assert (torch.stack(shared.logits, 1) - torch.stack(plain.logits, 1)).abs().max() < 1e-4
