@@ -100,9 +100,10 @@ def caption_images(policy: Any, data: Any, image_ids: Sequence[str], batch_size:
 
     from vlrm.protocols import Captioner, explain
 
-    if explain(policy, Captioner):
+    problems = explain(policy, Captioner)
+    if problems:
         raise ConfigError(f"{type(policy).__name__} cannot caption for evaluation: "
-                          f"{'; '.join(explain(policy, Captioner))} (vlrm.protocols.Captioner)")
+                          f"{'; '.join(problems)} (vlrm.protocols.Captioner)")
     kept: list[str] = []
     captions: list[str] = []
     counts: list[int] = []
