@@ -21,6 +21,8 @@ policy never looks inside the model beyond transformers' common interfaces:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -43,6 +45,16 @@ from vlrm_plugins.hf_common import (LoraSpec, ReferenceSnapshot, add_lora, adapt
                                     load_adapters, looks_local, lora_layers, match_names,
                                     quiet_transformers, resolve_lora, save_adapters,
                                     torch_dtype, without_adapters)
+
+def _in_compute_dtype(method: Any) -> Any:
+    """Run a policy method under the policy's ``_autocast``."""
+    @functools.wraps(method)
+    def wrapper(self: HFCaptionerPolicy, *args: Any, **kwargs: Any) -> Any:
+        with self._autocast():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
 
 @attrs.define
 class Prefix:
@@ -142,6 +154,7 @@ class HFCaptionerPolicy(nn.Module):
         if self.prompt_text is None:
             self._check_no_prompt()
 
+    @_in_compute_dtype
     def _check_no_prompt(self) -> None:
         """A model that needs a prompt (its image placeholders live in the text) fails its
         first caption without one: find out now, with one token on a blank image."""
@@ -157,6 +170,16 @@ class HFCaptionerPolicy(nn.Module):
                 f"policy.init_args.prompt: {name!r} ({type(self.model).__name__}) cannot caption "
                 f"without a prompt ({str(exc).splitlines()[0][:160]}); give one, e.g. chat "
                 "messages with an image part, or a string with the image placeholder") from exc
+
+    def _autocast(self) -> Any:
+        """Mixed dtypes (frozen parts in bfloat16, trained parts in float32): run under
+        ``torch.autocast`` in the lower precision, so that each part's inputs are cast (the
+        models' own code does not cast between parts). A no-op for a single dtype."""
+        kinds = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        if len(kinds) < 2:
+            return contextlib.nullcontext()
+        low = min(kinds, key=lambda d: torch.finfo(d).bits)
+        return torch.autocast(self.device.type, dtype=low)
 
     @property
     def device(self) -> torch.device:
@@ -207,6 +230,7 @@ class HFCaptionerPolicy(nn.Module):
             suppress_tokens=self.suppressed or None, output_logits=True,
             return_dict_in_generate=True, **settings)
 
+    @_in_compute_dtype
     @torch.no_grad()
     def sample(self, images: Sequence[Any], image_ids: Sequence[str], num_samples: int,
                seeds: Sequence[int] | None = None) -> Rollout:
@@ -326,6 +350,7 @@ class HFCaptionerPolicy(nn.Module):
 
     # -- evaluation captions ----------------------------------------------------------
 
+    @_in_compute_dtype
     @torch.no_grad()
     def caption(self, images: Sequence[Any], max_new_tokens: int = 60, num_beams: int = 1,
                 allowed_tokens: Any = None) -> tuple[list[str], list[int]]:
@@ -393,6 +418,7 @@ class HFCaptionerPolicy(nn.Module):
             logits.append(out.logits)
         return torch.cat(hidden, dim=1), torch.cat(logits, dim=1)
 
+    @_in_compute_dtype
     def evaluate(self, rollout: Rollout) -> PolicyOutput:
         hidden, logits = self._forward(rollout)
         logprobs, entropy = score_tokens(logits, rollout.tokens.to(self.device), self.temperature,
@@ -405,6 +431,7 @@ class HFCaptionerPolicy(nn.Module):
         """Freeze the current trainable parts as the reference (idempotent)."""
         return self._reference.take(self.model.named_parameters())
 
+    @_in_compute_dtype
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """log pi_ref of the rollout's tokens (snapshot in, adapters off). Shape: (B, T)."""
@@ -422,6 +449,7 @@ class HFCaptionerPolicy(nn.Module):
                 any(p.requires_grad for p in self.model.get_output_embeddings().parameters()):
             self.snapshot_reference()
 
+    @_in_compute_dtype
     @torch.no_grad()
     def text_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """log p(t_k | t_<k) under the language model alone, without the image (the

@@ -175,3 +175,24 @@ def test_scoring_from_one_prefill_per_image_equals_the_full_forward(family):
     assert torch.allclose(lp1[mask], lp2[mask], atol=1e-5)
     assert torch.allclose(h1[mask], h2[mask], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("family", ["llava", "instructblip", "florence2"])
+def test_frozen_parts_in_bfloat16_with_float32_trained_parts(family, tmp_path):
+    """The family configs' setting (dtype bfloat16, trainable_dtype float32): the parts'
+    dtypes differ, so the policy runs under autocast; sampling, scoring and the backward work,
+    the trained parts stay float32 and get gradients."""
+    spec = save_tiny_captioner(family, tmp_path)
+    policy = hf_captioner(str(tmp_path), trainable=list(spec.trainable), prompt=spec.prompt,
+                          dtype="bfloat16", trainable_dtype="float32", max_new_tokens=4)
+    params = list(policy.trainable_parameters())
+    assert {p.dtype for p in params} == {torch.float32}
+    assert any(p.dtype == torch.bfloat16 for p in policy.model.parameters())
+    torch.manual_seed(0)
+    rollout = policy.sample(synthetic_images(2), ["a", "b"], 2)
+    out = policy.evaluate(rollout)
+    gap = ((out.logprobs.float() - rollout.logprobs) * rollout.mask).abs().max()
+    assert gap < 0.05  # bfloat16 arithmetic; the same path on both sides
+    (out.logprobs * rollout.mask).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    assert len(policy.caption(synthetic_images(1), max_new_tokens=3)[0]) == 1
