@@ -37,7 +37,8 @@ from vlrm.text import token_char_ends
 from vlrm_plugins.hf_common import (LORA_CONFIG, LORA_WEIGHTS, LoraSpec, ReferenceSnapshot,
                                     add_lora, adapters_disabled, checkpoint_layers,
                                     load_adapters, lora_layers, looks_local, quiet_transformers,
-                                    resolve_lora, save_adapters, torch_dtype, without_adapters)
+                                    resolve_lora, save_folder, save_merged_folder, torch_dtype,
+                                    without_adapters)
 
 PARTS = ("vision_model", "qformer", "query_tokens", "language_projection", "language_model")
 PAPER_TRAINABLE = ("qformer", "query_tokens", "language_projection")
@@ -331,10 +332,7 @@ class Blip2OptPolicy(nn.Module):
 
     def save_merged(self, path: str) -> None:
         """A plain transformers folder with LoRA adapters folded into OPT (irreversible)."""
-        self.merge_adapters()
-        with quiet_transformers():
-            self.model.save_pretrained(path, state_dict=without_adapters(self.model.state_dict()))
-            self.processor.save_pretrained(path)
+        save_merged_folder(path, self.model, self.processor)
 
     def text_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """log p(t_k | BOS, t_<k) under the language model alone, without the image.
@@ -386,11 +384,7 @@ class Blip2OptPolicy(nn.Module):
             state = self.model.state_dict()
         else:
             state = {k.removeprefix("model."): v for k, v in state_dict.items()}
-        with quiet_transformers():  # the trainer's own progress bar is on screen
-            self.model.save_pretrained(path, state_dict=without_adapters(state))
-            self.processor.save_pretrained(path)
-        if self.lora is not None:
-            save_adapters(path, state, self.lora)
+        save_folder(path, self.model, self.processor, state, self.lora)
         write_policy_file(path, "blip2_opt")
 
     def merge_adapters(self) -> None:

@@ -42,9 +42,8 @@ from vlrm_plugins.hf_inputs import (DROPPED_KEYS, GENERATED_TOKEN_TYPE, SEQUENCE
                                     first_set, last_hidden, left_pad_cat,
                                     positions, render_prompt, select_rope_deltas, text_model)
 from vlrm_plugins.hf_common import (LoraSpec, ReferenceSnapshot, add_lora, adapters_disabled,
-                                    load_adapters, looks_local, lora_layers, match_names,
-                                    quiet_transformers, resolve_lora, save_adapters,
-                                    torch_dtype, without_adapters)
+                                    load_adapters, looks_local, match_names, quiet_transformers,
+                                    resolve_lora, save_folder, save_merged_folder, torch_dtype)
 
 def _in_compute_dtype(method: Any) -> Any:
     """Run a policy method under the policy's ``_autocast``."""
@@ -469,11 +468,7 @@ class HFCaptionerPolicy(nn.Module):
         load as they are; LoRA adapters (un-merged) beside it, and ``vlrm_policy.json``."""
         state = self.model.state_dict() if state_dict is None else \
             {k.removeprefix("model."): v for k, v in state_dict.items()}
-        with quiet_transformers():
-            self.model.save_pretrained(path, state_dict=without_adapters(state))
-            self.processor.save_pretrained(path)
-        if self.lora is not None:
-            save_adapters(path, state, self.lora)
+        save_folder(path, self.model, self.processor, state, self.lora)
         write_policy_file(path, "hf_captioner", prompt=self.prompt, trainable=list(self.trainable))
 
     def delta_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
@@ -484,11 +479,7 @@ class HFCaptionerPolicy(nn.Module):
 
     def save_merged(self, path: str) -> None:
         """A plain transformers folder with LoRA adapters folded into the weights."""
-        for layer in lora_layers(self.model):
-            layer.merge()
-        with quiet_transformers():
-            self.model.save_pretrained(path, state_dict=without_adapters(self.model.state_dict()))
-            self.processor.save_pretrained(path)
+        save_merged_folder(path, self.model, self.processor)
 
 
 def _caption_only(allowed_tokens: Any) -> Any:

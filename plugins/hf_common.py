@@ -108,6 +108,29 @@ def save_adapters(path: str | Path, state: dict[str, torch.Tensor], spec: LoraSp
     (Path(path) / LORA_CONFIG).write_text(json.dumps(attrs.asdict(spec), indent=2) + "\n")
 
 
+def save_folder(path: str | Path, model: nn.Module, processor: Any,
+                state: dict[str, torch.Tensor] | None = None, lora: LoraSpec | None = None) -> None:
+    """A transformers folder of ``model`` (adapters left out, so plain ``from_pretrained``
+    loads it) and ``processor``; with ``lora``, the adapters of ``state`` beside it.
+
+    Args:
+        state: The model's state to write; default its current one.
+    """
+    state = model.state_dict() if state is None else state
+    with quiet_transformers():  # the trainer's own progress bar is on screen
+        model.save_pretrained(path, state_dict=without_adapters(state))
+        processor.save_pretrained(path)
+    if lora is not None:
+        save_adapters(path, state, lora)
+
+
+def save_merged_folder(path: str | Path, model: nn.Module, processor: Any) -> None:
+    """Fold ``model``'s LoRA adapters into its weights (irreversible) and write a plain folder."""
+    for layer in lora_layers(model):
+        layer.merge()
+    save_folder(path, model, processor)
+
+
 def saved_lora_spec(path: str | Path) -> LoraSpec | None:
     """The ``LoraSpec`` a policy folder was saved with, or None when it has no adapters."""
     file = Path(path, LORA_CONFIG)
