@@ -166,8 +166,12 @@ class Trainer:
             raise ConfigError(f"the policy {type(policy).__name__} has no trainable parameters: "
                               "check its `trainable` setting")
         device, dtype = self.policy_params[0].device, self.policy_params[0].dtype
-        self.value_head = ValueHead(policy.hidden_size, config.value_hidden).to(
-            device, torch.float64 if dtype == torch.float64 else torch.float32)
+        # Seeded from trainer.seed, apart from the global stream: the head starts the same
+        # in every run of a config, whether or not the policy's builder seeded torch.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.value_head = ValueHead(policy.hidden_size, config.value_hidden).to(
+                device, torch.float64 if dtype == torch.float64 else torch.float32)
         self.world.shard(range(config.images_per_step))  # fails early if it does not split
         if config.sample_seeding == "per_image" and not implements(policy, SeededSampler):
             raise ConfigError(f"trainer.sample_seeding per_image needs a policy whose sample() "
