@@ -9,6 +9,7 @@ from typing import Any
 from benchmarks.naive import NaiveA2C
 from vlrm.cache import EmbeddingCache
 from vlrm.rewards import CompositeReward, RewardTerm
+from vlrm.objective import A2C
 from vlrm.trainer import Trainer, TrainerConfig
 from vlrm_plugins.reference_lm import ReferenceLMReward
 from vlrm_plugins.text_penalties import BadPhrasePenalty, RepetitionPenalty
@@ -27,9 +28,9 @@ def vlrm_step(preset: Any, output_dir: str) -> Callable[[], dict[str, float]]:
     bad, repeat = penalties()
     reward = CompositeReward({"itm": RewardTerm(itm), "ref": RewardTerm(ReferenceLMReward(), REF_WEIGHT),
                               "bad": RewardTerm(bad), "repeat": RewardTerm(repeat)})
-    config = TrainerConfig(samples_per_image=preset.samples_per_image, whiten_advantages=True,
-                           value_hidden=64, progress=False)
-    trainer = Trainer(preset.policy, reward, data=None, config=config, output_dir=output_dir)
+    config = TrainerConfig(samples_per_image=preset.samples_per_image, progress=False)
+    trainer = Trainer(preset.policy, reward, data=None, config=config, output_dir=output_dir,
+                      objective=A2C(whiten_advantages=True, value_hidden=64))
     batch = list(zip(preset.image_ids, preset.images))
 
     def step() -> dict[str, float]:

@@ -177,7 +177,7 @@ class Blip2OptPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, images: Sequence[Any], image_ids: Sequence[str], num_samples: int,
-               seeds: Sequence[int] | None = None) -> Rollout:
+               seeds: Sequence[int] | None = None, greedy: bool = False) -> Rollout:
         generators = None
         if seeds is not None:
             if len(seeds) != len(images):
@@ -190,7 +190,7 @@ class Blip2OptPolicy(nn.Module):
                 self.model.language_model, prefix, num_samples, self.max_new_tokens,
                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                suppressed=self.suppressed, generators=generators)
+                suppressed=self.suppressed, generators=generators, greedy=greedy)
         mask = self.generated_mask(tokens)
         group = torch.arange(len(images), device=self.device).repeat_interleave(num_samples)
         rows = [row[keep].tolist() for row, keep in zip(tokens, mask)]

@@ -182,6 +182,7 @@ def save_open_clip_dir(model: Any, model_cfg: dict[str, Any], path: str) -> None
 def tiny_clip_reward(
     seed: int = 0, embed_dim: int = 32, width: int = 32, layers: int = 2,
     image_size: int = 32, context_length: int = 32, scale: float = 1.0,
+    cache_size: int = 10_000,
 ) -> ClipReward:
     """A random-weight open_clip CLIP for tests, loaded through ``local-dir:`` like a real one.
 
@@ -193,6 +194,7 @@ def tiny_clip_reward(
         image_size: Input resolution.
         context_length: Text context (real CLIP: 77).
         scale: Multiplies the cosine similarity.
+        cache_size: Image embeddings kept between steps (0 = no cache).
     """
     import open_clip
 
@@ -201,7 +203,7 @@ def tiny_clip_reward(
     model = open_clip.CLIP(**cfg)
     with tempfile.TemporaryDirectory() as tmp:
         save_open_clip_dir(model, cfg, tmp)
-        return clip_reward(f"local-dir:{tmp}", scale=scale)
+        return clip_reward(f"local-dir:{tmp}", scale=scale, cache_size=cache_size)
 
 
 @hookimpl

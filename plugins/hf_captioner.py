@@ -232,7 +232,7 @@ class HFCaptionerPolicy(nn.Module):
     @_in_compute_dtype
     @torch.no_grad()
     def sample(self, images: Sequence[Any], image_ids: Sequence[str], num_samples: int,
-               seeds: Sequence[int] | None = None) -> Rollout:
+               seeds: Sequence[int] | None = None, greedy: bool = False) -> Rollout:
         state = self.encode(images)
         if seeds is not None:
             if len(seeds) != len(images):
@@ -242,9 +242,9 @@ class HFCaptionerPolicy(nn.Module):
             generators = None
         shared = self.shared_prefill and "input_ids" in state[0]
         if shared:
-            tokens, logprobs = self._decode_shared(state, num_samples, generators)
+            tokens, logprobs = self._decode_shared(state, num_samples, generators, greedy)
         else:
-            tokens, logprobs, prompts = self._generate(state, num_samples, seeds)
+            tokens, logprobs, prompts = self._generate(state, num_samples, seeds, greedy)
             if "input_ids" not in state[0] and not self.encoder_decoder:
                 # generate made the prompt itself (e.g. GIT's [CLS]): keep it for scoring
                 for row, prompt in zip(state, prompts[::num_samples]):
@@ -295,7 +295,8 @@ class HFCaptionerPolicy(nn.Module):
                                **self._position_kwargs(place, decoding=True))
 
     def _decode_shared(self, state: list[dict[str, torch.Tensor]], k: int,
-                       generators: Sequence[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generators: Sequence[torch.Generator] | None, greedy: bool = False,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder-only: one prefill of the N prompts, K samples from each image's cache."""
         rows = torch.arange(len(state), device=self.device).repeat_interleave(k)
         prefix = self._prefill(state, rows)
@@ -305,7 +306,7 @@ class HFCaptionerPolicy(nn.Module):
 
         return decode(prefix.logits.float(), step, k, self.max_new_tokens, self.eos_token_id,
                       self.pad_token_id, self.temperature, self.top_k, self.top_p,
-                      self.suppressed, generators)
+                      self.suppressed, generators, greedy)
 
     def _position_kwargs(self, positions: torch.Tensor, decoding: bool = False) -> dict[str, torch.Tensor]:
         """Explicit positions that skip left padding. Multimodal-rotary models (Qwen2-VL)
@@ -319,11 +320,12 @@ class HFCaptionerPolicy(nn.Module):
         return {}
 
     def _generate(self, state: list[dict[str, torch.Tensor]], k: int, seeds: Sequence[int] | None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``generate(num_return_sequences=K)``, per image with its own seed when given."""
-        config = self.generation_config(
-            do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens, num_return_sequences=k)
+        sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p,
+                                      "top_k": self.top_k}
+        config = self.generation_config(do_sample=not greedy, max_new_tokens=self.max_new_tokens,
+                                        num_return_sequences=k, **sampling)
         if seeds is None:
             return self._generate_batch(self.batch(state), config)
         parts = []

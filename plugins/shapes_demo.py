@@ -230,18 +230,30 @@ def sweep_table(results: dict[str, dict[str, Any]], keys: Sequence[str] = SWEEP_
 
 
 def sweep_main(argv: list[str]) -> int:
-    """``vlrm-shapes sweep --config C [--seeds 0 1 2] [--ablations ...] --output_dir D [overrides]``."""
+    """``vlrm-shapes sweep --config C [--seeds 0 1 2] [--ablations ...] --output_dir D [overrides]``,
+    or with ``--objectives a2c grpo ...``: every estimator x seed (``shapes_sweep``)."""
     import argparse
 
     from vlrm.cli import EXIT_CONFIG
 
     parser = argparse.ArgumentParser(prog="vlrm-shapes sweep", description=(
-        "Run the demo once per seed and once per ablation; write sweep.json and sweep.md."))
+        "Run the demo once per seed and once per ablation; write sweep.json and sweep.md. "
+        "With --objectives: once per estimator and seed, side by side (estimators.md)."))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS),
                         help=f"from: {', '.join(ABLATIONS)}")
+    parser.add_argument("--objectives", nargs="*", default=None,
+                        help="estimators: names in configs/shapes/objectives (a2c, rloo, grpo, "
+                             "dr_grpo, scst, ppo_clip) or fragment files; no ablations then")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --objectives: runs at once (the CPU threads split between them)")
+    parser.add_argument("--doc", default=None,
+                        help="with --objectives: also write the tables into this markdown file "
+                             "(between its sweep markers, or as a new file)")
     parser.add_argument("--output_dir", default="runs/shapes_sweep")
     args, demo_args = parser.parse_known_args(argv)
+    if args.objectives:
+        return _objective_sweep(args, demo_args)
     try:
         runs = sweep_variants(args.seeds, args.ablations)
     except ConfigError as exc:
@@ -258,6 +270,27 @@ def sweep_main(argv: list[str]) -> int:
         (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
         (out / "sweep.md").write_text(sweep_table(results))
     print(sweep_table(results))
+    return 0
+
+
+def _objective_sweep(args: Any, demo_args: list[str]) -> int:
+    from vlrm.cli import EXIT_CONFIG
+    from vlrm_plugins.shapes_sweep import estimator_table, sweep_objectives, write_doc
+
+    out = Path(args.output_dir)
+    try:
+        results = sweep_objectives(args.objectives, args.seeds, demo_args, out, args.jobs)
+    except ConfigError as exc:
+        sys.stderr.write(f"vlrm-shapes: error: {exc}\n")
+        return EXIT_CONFIG
+    table = estimator_table(results)
+    (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "sweep.md").write_text(table)
+    if args.doc:
+        command = " ".join(["vlrm-shapes sweep", "--objectives", *args.objectives, "--seeds",
+                            *map(str, args.seeds), *demo_args])
+        write_doc(Path(args.doc), table, command)
+    print(table)
     return 0
 
 
@@ -313,3 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 def main_entry() -> None:
     """Console script ``vlrm-shapes``."""
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

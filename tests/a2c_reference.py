@@ -16,7 +16,7 @@ REFERENCE = Path(__file__).resolve().parent / "data" / "a2c_tiny_metrics.jsonl"
 #: Metrics that measure the machine, not the run.
 UNTIMED = ("time/step_s",)
 ARGS = ("--config", "configs/tiny.yaml", "--trainer.max_steps", "5", "--trainer.save_every", "0",
-        "--trainer.whiten_advantages", "true", "--trainer.ent_coef", "0.01",
+        "--objective.init_args.whiten_advantages", "true", "--objective.init_args.ent_coef", "0.01",
         "--trainer.progress", "false")
 
 

@@ -101,8 +101,8 @@ def test_retrieval_spec_instantiates_with_tiny_models(tmp_path):
                              "--data.patterns=[\"**/*.py\"]", "--data.extensions=[\".py\"]"])
     init = parser.instantiate(cfg)
     # the paper's values survive the override of the model size
-    assert init.policy.max_new_tokens == 60 and init.trainer.gamma == 1.0
-    assert init.trainer.whiten_advantages and init.trainer.samples_per_image == 4
+    assert init.policy.max_new_tokens == 60 and init.objective.gamma == 1.0
+    assert init.objective.whiten_advantages and init.trainer.samples_per_image == 4
     assert set(init.reward.terms) == {"clip", "ref", "bad", "repeat"}
 
 

@@ -62,6 +62,28 @@ def test_two_ranks_with_half_batches_match_one_rank(one_rank, tmp_path, parallel
     assert all(single[f"loss/{s}"].abs() > 0 for s in range(3))
 
 
+ESTIMATORS = ("rloo", "grpo", "dr_grpo", "scst", "ppo_clip")
+
+
+def test_every_estimator_trains_the_same_on_two_ranks_as_on_one(tmp_path):
+    # Each rank holds whole groups (an image's K captions); GRPO's batch scaling, Dr. GRPO's
+    # caption count and PPO-clip's minibatches (strided parts, A2C values, k3 penalty) take
+    # the whole step's statistics over the ranks. One worker trains each estimator in turn.
+    names = ",".join(ESTIMATORS)
+    single, single_meta = run_worker(tmp_path, "one", 1, "ddp", "", names)
+    split, split_meta = run_worker(tmp_path, "two", 2, "ddp", "", names)
+    assert (single_meta["world"], split_meta["world"]) == (1, 2)
+    assert split_meta == {**single_meta, "world": 2}  # the same captions at every step
+    assert set(split) == set(single)
+    for key in single:  # the rewards are float32 (CLIP): ~1e-7 apart for other batch sizes
+        torch.testing.assert_close(split[key], single[key], rtol=1e-6, atol=1e-6, msg=key)
+    for i, name in enumerate(ESTIMATORS):
+        first = f"{name}/weight/0/" if i else "weight/0/"
+        moved = [k for k in single if k.startswith(first) and not torch.equal(
+            single[k], single[k.replace("weight/0/", "weight/2/")])]
+        assert any("qformer" in k for k in moved), name
+
+
 def test_fsdp_ranks_that_sample_different_lengths_do_not_deadlock(tmp_path):
     # Rank 0 samples at most 3 tokens, rank 1 at most 7: under FSDP the layers' gathers
     # would pair up wrongly if sampling gathered layer by layer.

@@ -13,6 +13,7 @@ from policy_wrappers import PolicyWrapper
 from vlrm.cli import run
 from vlrm.errors import TrainingError
 from vlrm.rewards import CompositeReward, RewardTerm
+from vlrm.objective import A2C
 from vlrm.structs import RewardOutput
 from vlrm.trainer import Trainer, TrainerConfig
 
@@ -35,14 +36,14 @@ def trainer_for(policy, reward, tmp_path, **overrides):
     from vlrm_plugins.bundled_photos import bundled_photos
 
     config = TrainerConfig(**{"max_steps": 4, "images_per_step": 2, "samples_per_image": 2,
-                              "policy_lr": 1e-3, "value_lr": 1e-2, "save_every": 0,
+                              "policy_lr": 1e-3, "save_every": 0,
                               "progress": False, **overrides})
-    return Trainer(policy, reward, bundled_photos(), config, tmp_path)
+    return Trainer(policy, reward, bundled_photos(), config, tmp_path, objective=A2C(value_lr=1e-2))
 
 
 def weights(trainer):
-    return {k: v.clone() for k, v in {**trainer._named_trainable(),
-                                      **trainer.value_head_state()}.items()}
+    return {k: v.clone() for k, v in {**trainer.named_trainable(),
+                                      **trainer.objective.state_dict()}.items()}
 
 
 def all_finite(tensors):

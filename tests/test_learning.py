@@ -7,6 +7,7 @@ is the real tiny BLIP-2 OPT, trained only through its Q-Former, queries and proj
 import pytest
 import torch
 
+from vlrm.objective import A2C
 from vlrm.structs import RewardOutput
 from vlrm.trainer import Trainer, TrainerConfig
 
@@ -38,8 +39,9 @@ def test_a2c_raises_the_reward_through_the_qformer(tiny_policy_factory, tmp_path
 
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     config = TrainerConfig(max_steps=25, images_per_step=4, samples_per_image=4, policy_lr=1e-3,
-                           value_lr=1e-2, whiten_advantages=True, save_every=0, progress=False)
-    trainer = Trainer(policy, PayForToken(chosen), data, config, tmp_path)
+                           save_every=0, progress=False)
+    trainer = Trainer(policy, PayForToken(chosen), data, config, tmp_path,
+                      objective=A2C(value_lr=1e-2, whiten_advantages=True))
     batches = trainer._batches()
     rewards = [trainer.train_step(next(batches))["reward/total"] for _ in range(config.max_steps)]
 
@@ -60,12 +62,13 @@ def test_the_value_loss_reaches_the_policy_only_without_value_detach(tiny_policy
     policy = tiny_policy_factory(seed=0, max_new_tokens=4)
     data = bundled_photos()
     config = TrainerConfig(max_steps=1, images_per_step=2, samples_per_image=2,
-                           value_detach=detach, save_every=0, progress=False)
-    trainer = Trainer(policy, PayForToken(0), data, config, tmp_path)
+                           save_every=0, progress=False)
+    trainer = Trainer(policy, PayForToken(0), data, config, tmp_path,
+                      objective=A2C(value_detach=detach))
     torch.nn.init.normal_(trainer.value_head.net[-1].weight)
     ids, images = zip(*next(trainer._batches()))
     rollout = policy.sample(images, ids, 2)
-    trainer.values(policy.evaluate(rollout)).pow(2).sum().backward()
+    trainer.objective.critic(policy.evaluate(rollout)).pow(2).sum().backward()
     reached = any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
     assert reached is not detach
     assert trainer.value_head.net[0].weight.grad.abs().sum() > 0  # the critic learns either way

@@ -48,6 +48,18 @@ def _protocol_reasons(message: str) -> str:
     return f" It does not fit vlrm.protocols.{protocol.__name__}: {'; '.join(problems)}." if problems else ""
 
 
+def _moved_keys(message: str) -> str:
+    """Where a trainer setting that moved to the objective lives now."""
+    from vlrm.trainer import MOVED_TO_OBJECTIVE
+
+    moved = [k for k in MOVED_TO_OBJECTIVE if f"trainer.{k}" in message]
+    if not moved:
+        return ""
+    return (f" trainer.{moved[0]} is now a setting of the objective (the estimator): set "
+            f"objective.init_args.{moved[0]} with objective.class_path vlrm.objective.A2C "
+            "(A2C's value-head settings), see configs/vlrm.yaml.")
+
+
 def _config_files(argv: list[str]) -> list[str]:
     """The files given with --config, to name them in error messages."""
     files = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
@@ -72,7 +84,7 @@ def new_parser(prog: str, description: str) -> Any:
 
         def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
             where = f" (config file: {', '.join(files)})" if files else ""
-            reasons = _protocol_reasons(str(message))
+            reasons = _protocol_reasons(str(message)) + _moved_keys(str(message))
             sys.stderr.write(f"{prog}: error: {_short_error(message)}{where}{reasons}\n"
                              f"Run `{prog} --help` for the options, or "
                              f"`{prog} --config FILE --print_config` to see a resolved config.\n")
@@ -87,13 +99,16 @@ def build_parser() -> Any:
 
     from vlrm.data import ImageFolder
     from vlrm.evaluation import PeriodicEval
-    from vlrm.protocols import Policy
+    from jsonargparse import lazy_instance
+
+    from vlrm.objective import A2C
+    from vlrm.protocols import Objective, Policy
     from vlrm.rewards import CompositeReward
     from vlrm.trainer import TrainerConfig
 
     parser = new_parser("vlrm-run", (
-        "Fine-tune an image captioner with A2C against vision-language reward models "
-        "(VLRM). Options can come from a YAML file (--config) and be overridden after it "
+        "Fine-tune an image captioner with reinforcement learning (the paper's A2C, or "
+        "GRPO, RLOO, ...) against vision-language reward models (VLRM). Options can come from a YAML file (--config) and be overridden after it "
         "on the command line with dotted names, e.g. --trainer.max_steps 3."))
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
     # Data first: a wrong folder is reported before any model is loaded.
@@ -102,7 +117,11 @@ def build_parser() -> Any:
     parser.add_argument("--policy", type=Policy, required=True,
                         help="Captioning policy: class_path (a class or builder) and init_args.")
     parser.add_class_arguments(CompositeReward, "reward", help="Weighted reward terms by name.")
-    parser.add_class_arguments(TrainerConfig, "trainer", help="A2C loop settings.")
+    parser.add_argument("--objective", type=Objective, default=lazy_instance(A2C),
+                        help="The estimator and its loss: class_path and init_args "
+                             "(default the paper's A2C; `vlrm-plugins` lists the registered "
+                             "ones: a2c, rloo, grpo, dr_grpo, scst, ppo_clip).")
+    parser.add_class_arguments(TrainerConfig, "trainer", help="Training loop settings.")
     parser.add_argument("--eval", type=Optional[PeriodicEval], default=None,
                         help="Evaluation on held-out images before training and every N "
                              "steps (vlrm.evaluation.PeriodicEval); default none.")
@@ -148,7 +167,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         world = from_environment()
         trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir,
-                          evaluation=init.get("eval"), world=world)
+                          evaluation=init.get("eval"), world=world, objective=init.objective)
         if cfg.resume:
             _resume(trainer, world, output_dir)
         if world.is_main:

@@ -61,3 +61,13 @@ def vlrm_register_datasets() -> dict[str, Callable[..., Any]]:
         ``{name: factory}``; the factory's result is a ``vlrm.data.ImageFolder`` or any
         object with the same ``batches`` method.
     """
+
+
+@hookspec
+def vlrm_register_objectives() -> dict[str, Callable[..., Any]]:
+    """Register objectives: advantage estimators and their losses (A2C, GRPO, ...).
+
+    Returns:
+        ``{name: factory}``; the factory's result satisfies ``vlrm.protocols.Objective``
+        (``vlrm.objective.Estimator`` is a base class to start from).
+    """

@@ -34,6 +34,7 @@ KINDS = {
     "rewards": "vlrm_register_rewards",
     "evaluators": "vlrm_register_evaluators",
     "datasets": "vlrm_register_datasets",
+    "objectives": "vlrm_register_objectives",
 }
 
 

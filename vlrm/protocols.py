@@ -9,7 +9,7 @@ positional-only with ``/``; extra parameters must have defaults. ``explain(obj, 
 checks a component's behaviour against its contract, and ``vlrm-run`` refuses a component
 that does not fit with the same reasons.
 
-Capabilities (``Captioner``, ``SeededSampler``, ``ReferenceScorer``, ``TextScorer``,
+Capabilities (``Captioner``, ``GreedySampler``, ``SeededSampler``, ``ReferenceScorer``, ``TextScorer``,
 ``Shardable``, ``FrozenTowers``, ``DeltaExport``) are small Protocols a policy implements when
 it can: the engine and the rewards ask ``implements(policy, Capability)`` instead of looking
 for attributes one by one.
@@ -82,6 +82,48 @@ class PolicyAware(Protocol):
         """Keep a reference to the policy being trained."""
 
 
+@runtime_checkable
+class Objective(Protocol):
+    """How a step's per-token rewards become the loss (the advantage estimator and its
+    loss): A2C, RLOO, GRPO, ... The trainer calls ``setup`` once, then each step
+    ``prepare`` once and ``loss`` once per minibatch of each epoch (see ``vlrm.objective``).
+
+    Attributes:
+        epochs: Passes over each rollout (1 for on-policy estimators; PPO-clip more).
+        minibatches: Parts of each process's images per pass (their count must divide it).
+        critic: The ``nn.Module`` the objective trains beside the policy, fed the policy's
+            ``PolicyOutput`` (A2C's value head), or None.
+    """
+
+    epochs: int
+    minibatches: int
+    critic: Any
+
+    def setup(self, policy: Any, reward: Any, world: Any, seed: Any) -> Any:
+        """Build owned state (e.g. the critic, seeded from ``seed``) for this policy; keep
+        ``world.all_reduce`` for whole-batch statistics."""
+
+    def param_groups(self) -> Any:
+        """Optimiser groups (dicts with ``params``, ``lr``, ``name``) of the critic."""
+
+    def prepare(self, batch: Any) -> Any:
+        """From a ``vlrm.objective.StepBatch``, the step's ``Targets`` (no gradient)."""
+
+    def loss(self, targets: Any, out: Any, values: Any) -> Any:
+        """``(loss, stats)`` of some rows: their ``Targets``, the policy's ``PolicyOutput``
+        and the critic's values (B, T) or None. Stats are detached scalars, each this
+        process's share of the whole batch's value."""
+
+    def state_dict(self) -> Any:
+        """Tensors to checkpoint (empty when the objective keeps none)."""
+
+    def load_state_dict(self, state: Any) -> Any:
+        """Restore what ``state_dict`` returned (on resume)."""
+
+    def describe(self) -> Any:
+        """Settings that a resumed run must share with its checkpoint (a dict)."""
+
+
 # -- Policy capabilities ---------------------------------------------------------------
 
 
@@ -95,6 +137,15 @@ class Captioner(Protocol):
         Returns: ``(captions, lengths)``: N strings and their lengths in tokens (the end
         token included).
         """
+
+
+@runtime_checkable
+class GreedySampler(Protocol):
+    """A policy that can return its greedy captions as a rollout (SCST's baseline)."""
+
+    def sample(self, images: Any, image_ids: Any, num_samples: Any, /, *,
+               greedy: bool = False) -> Any:
+        """As ``Policy.sample``; ``greedy`` takes the most likely token at every step."""
 
 
 @runtime_checkable
@@ -270,6 +321,7 @@ def require(obj: Any, protocol: type, where: str) -> None:
                           f"{'; '.join(problems)} (see vlrm.protocols.{protocol.__name__})")
 
 
-__all__ = ["Policy", "Reward", "Evaluator", "PolicyAware", "Captioner", "SeededSampler",
+__all__ = ["Policy", "Reward", "Evaluator", "PolicyAware", "Objective", "Captioner",
+           "GreedySampler", "SeededSampler",
            "ReferenceScorer", "TextScorer", "Shardable", "FrozenTowers", "DeltaExport",
            "explain", "implements", "require"]

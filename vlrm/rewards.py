@@ -9,7 +9,7 @@ from attrs import frozen
 
 from vlrm.errors import ConfigError, is_finite_real
 from vlrm.protocols import PolicyAware, Reward
-from vlrm.rl import identity, place_on_last_token
+from vlrm.rl import group_mean, group_std, identity, place_on_last_token
 from vlrm.structs import RewardOutput, Rollout
 
 
@@ -96,6 +96,29 @@ def standardize(per_token: torch.Tensor, mask: torch.Tensor, mean: float, std: f
     return (scaled - place_on_last_token(shift, mask)) * mask
 
 
+def group_standardize(per_token: torch.Tensor, mask: torch.Tensor, group: torch.Tensor,
+                      eps: float = 1e-4) -> torch.Tensor:
+    """Rescale per-token rewards so each caption's total becomes its z-score within its
+    image's group: (total - group mean) / (group std + eps), placement kept as
+    ``standardize`` keeps it. Captions with a non-finite total never enter the statistics
+    (and stay non-finite, to be dropped by the trainer).
+
+    Args:
+        per_token: Shape: (B, T).
+        mask: Shape: (B, T), bool.
+        group: Shape: (B,), long, image index of each caption.
+
+    Returns:
+        Shape: (B, T), zero on padding.
+    """
+    totals = per_token.sum(dim=1)
+    valid = torch.isfinite(totals)
+    safe = torch.where(valid, totals, torch.zeros_like(totals))
+    mean = group_mean(safe, group, valid)
+    scale = group_std(safe, group, valid) + eps
+    return (per_token / scale.unsqueeze(1) - place_on_last_token(mean / scale, mask)) * mask
+
+
 def to_token_rewards(output: RewardOutput, mask: torch.Tensor, name: str) -> torch.Tensor:
     """Per-token view of a reward: a sequence score lands on the caption's last token.
 
@@ -139,14 +162,24 @@ class CompositeReward:
     ``<name>/running_mean`` and ``<name>/running_std``; one with ``clip`` logs
     ``<name>/clipped``, the share of its nonzero token values that were clipped.
 
+    With ``group_normalize`` each term is first normalised within each image's group of K
+    captions (its per-caption totals become z-scores, ``group_standardize``) before the
+    weighted sum, as BalCapRL does: a term with a large spread can then no longer drown the
+    others, whatever its scale. It logs ``<name>/group_std``, the term's mean spread.
+
     Args:
         terms: Reward terms keyed by name.
+        group_normalize: Normalise each term within its image's group before the weighted
+            sum (decoupled normalisation) [ours: off; needs trainer.samples_per_image >= 2].
     """
 
-    def __init__(self, terms: dict[str, RewardTerm]) -> None:
+    def __init__(self, terms: dict[str, RewardTerm], group_normalize: bool = False) -> None:
         if not terms:
             raise ConfigError("reward.terms is empty: configure at least one reward term")
         self.terms = dict(terms)
+        if not isinstance(group_normalize, bool):
+            raise ConfigError(f"reward.group_normalize must be true or false, got {group_normalize!r}")
+        self.group_normalize = group_normalize
         for name, term in self.terms.items():
             if term.clip < 0:
                 raise ConfigError(f"reward.terms.{name}.clip must be >= 0, got {term.clip}")
@@ -173,6 +206,13 @@ class CompositeReward:
             per_token = to_token_rewards(output, rollout.mask, name)
             metrics[name] = per_token.sum(dim=1).mean().item()
             metrics.update({f"{name}/{key}": value for key, value in output.metrics.items()})
+            if self.group_normalize:
+                group = rollout.group.to(per_token.device)
+                totals = per_token.sum(dim=1)
+                valid = torch.isfinite(totals)
+                spread = group_std(torch.where(valid, totals, torch.zeros_like(totals)), group, valid)
+                metrics[f"{name}/group_std"] = spread[valid].mean().item() if valid.any() else 0.0
+                per_token = group_standardize(per_token, rollout.mask, group)
             per_token = self._shape(name, term, per_token, rollout.mask, metrics)
             total = total + term.weight * per_token
         metrics["total"] = total.sum(dim=1).mean().item()

@@ -192,3 +192,162 @@ def a2c_loss(
         "advantage/mean": masked_mean(advantages.detach(), mask, num_tokens),
     }
     return loss, stats
+
+
+# -- Group baselines (critic-free estimators) -------------------------------------------
+#
+# A group is the K captions of one image (``Rollout.group``). Every function takes the
+# captions' totals x (B,), the group index (B,) and ``valid`` (B,), False for captions left
+# out of the update (non-finite reward): those never enter a group's statistics.
+
+
+def group_sums(x: torch.Tensor, group: torch.Tensor, valid: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-caption sum and count of its group's valid members.
+
+    Args:
+        x: Shape: (B,).
+        group: Shape: (B,), long, image index of each caption.
+        valid: Shape: (B,), bool.
+
+    Returns:
+        sums, counts: Shape: (B,) each, the statistic of the caption's own group.
+    """
+    n = int(group.max().item()) + 1 if group.numel() else 0
+    w = valid.to(x.dtype)
+    sums = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, group, x * w)
+    counts = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, group, w)
+    return sums[group], counts[group]
+
+
+def group_mean(x: torch.Tensor, group: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of each caption's group (itself included). Shape: (B,)."""
+    sums, counts = group_sums(x, group, valid)
+    return sums / counts.clamp(min=1.0)
+
+
+def leave_one_out_mean(x: torch.Tensor, group: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """RLOO's baseline: the mean of the *other* valid captions of each caption's group.
+
+    A caption with no valid sibling gets itself as baseline (its advantage is then 0).
+
+    Returns:
+        Shape: (B,).
+    """
+    sums, counts = group_sums(x, group, valid)
+    others = counts - valid.to(x.dtype)
+    loo = (sums - x * valid.to(x.dtype)) / others.clamp(min=1.0)
+    return torch.where(others > 0, loo, x)
+
+
+def group_std(x: torch.Tensor, group: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of each caption's group, with Bessel's correction (as
+    ``torch.std`` and TRL's GRPO); 0 for a group of one. Shape: (B,)."""
+    mean = group_mean(x, group, valid)
+    sq, counts = group_sums((x - mean) ** 2, group, valid)
+    return (sq / (counts - 1).clamp(min=1.0)).sqrt()
+
+
+def batch_std(x: torch.Tensor, valid: torch.Tensor, reduce: Reduce = identity) -> torch.Tensor:
+    """Standard deviation of the valid entries of the whole batch (over processes with
+    ``reduce``), with Bessel's correction. Shape: ()."""
+    w = valid.to(x.dtype)
+    count = reduce(w.sum())
+    mean = reduce((x * w).sum()) / count.clamp(min=1.0)
+    sq = reduce(((x - mean) ** 2 * w).sum())
+    return (sq / (count - 1).clamp(min=1.0)).sqrt()
+
+
+def baseline_advantages(returns: torch.Tensor, baseline: torch.Tensor, mask: torch.Tensor,
+                        scale: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """A_{i,k} = (R_{i,k} - b_i) / (s_i + eps): per-token returns against a per-caption baseline.
+
+    Per-token rewards stay where they stand: R_{i,k} is caption i's return from token k on,
+    so a penalty on token k reaches tokens 0..k only; the baseline b_i (computed from whole
+    captions' totals R_{j,0}) is the same at every token of caption i.
+
+    Args:
+        returns: Shape: (B, T).
+        baseline: Shape: (B,).
+        mask: Shape: (B, T), bool.
+        scale: Shape: (B,) or (); None = no scaling (eps unused).
+
+    Returns:
+        Shape: (B, T), zero on padding.
+    """
+    adv = returns - baseline.unsqueeze(1)
+    if scale is not None:
+        adv = adv / (scale.reshape(-1, 1) + eps) if scale.dim() else adv / (scale + eps)
+    return adv * mask
+
+
+# -- Loss pieces ------------------------------------------------------------------------
+
+
+def caption_token_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Shape: (B,), float: real tokens of each caption (0 for a dropped one)."""
+    return mask.sum(dim=1).to(torch.float32)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, *,
+              num_tokens: torch.Tensor, num_captions: torch.Tensor,
+              max_tokens: int = 1) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar, the way each estimator normalises it.
+
+    ``token``: sum over real tokens / all real tokens (each token weighs the same; A2C,
+    RLOO, SCST, DAPO). ``sequence``: each caption's token mean, averaged over captions
+    (GRPO: a long caption's tokens weigh less). ``fixed``: sum over real tokens /
+    (captions x max_tokens), a constant per batch (Dr. GRPO: no length normalisation).
+
+    Args:
+        per_token: Shape: (B, T).
+        mask: Shape: (B, T), bool.
+        how: ``token``, ``sequence`` or ``fixed``.
+        num_tokens: Real tokens of the whole batch (over processes): ``token``'s denominator.
+        num_captions: Captions of the whole batch that have tokens: ``sequence``'s and
+            ``fixed``'s denominator.
+        max_tokens: ``fixed``'s length constant.
+
+    Returns:
+        Shape: (); this process's share of the whole batch's value.
+    """
+    x = per_token * mask.to(per_token.dtype)
+    if how == "token":
+        return x.sum() / num_tokens.to(x.dtype).clamp(min=1.0)
+    if how == "sequence":
+        per_caption = x.sum(dim=1) / caption_token_counts(mask).to(x.dtype).clamp(min=1.0)
+        return per_caption.sum() / num_captions.to(x.dtype).clamp(min=1.0)
+    if how == "fixed":
+        return x.sum() / (num_captions.to(x.dtype).clamp(min=1.0) * max_tokens)
+    raise ValueError(f"unknown aggregation {how!r}: token, sequence or fixed")
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                      advantages: torch.Tensor, clip: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token, as a loss to minimise.
+
+    L_k = -min(rho_k A_k, clip(rho_k, 1 - clip, 1 + clip) A_k), rho_k = exp(log pi - log pi_old).
+
+    Args:
+        logprobs: Shape: (B, T), with gradient.
+        old_logprobs: Shape: (B, T), the sampling policy's.
+        advantages: Shape: (B, T), constants.
+        clip: epsilon.
+
+    Returns:
+        loss: Shape: (B, T). clipped: Shape: (B, T), bool, where the clipped term was taken
+        (no gradient flows there). log_ratio: Shape: (B, T), detached.
+    """
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = log_ratio.exp()
+    adv = advantages.detach()
+    unclipped, clipped = ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach(), log_ratio.detach()
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1, d = log pi_ref
+    - log pi; unbiased, non-negative, differentiable through ``logprobs``. Shape: (B, T)."""
+    d = ref_logprobs.detach() - logprobs
+    return d.exp() - d - 1.0

@@ -140,7 +140,7 @@ def decode(first_logits: torch.Tensor, step: Callable[[torch.Tensor, int], torch
            num_samples: int, max_new_tokens: int, eos_token_id: int | Sequence[int],
            pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            suppressed: Sequence[int] = (), generators: Sequence[torch.Generator] | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampling loop after a prefill: draw, then ask ``step`` for the next logits.
 
     Args:
@@ -155,6 +155,8 @@ def decode(first_logits: torch.Tensor, step: Callable[[torch.Tensor, int], torch
         pad_token_id: Filler after the end.
         temperature, top_k, top_p, suppressed: See ``process_logits``.
         generators: See ``draw``; None = the global random state, as ``generate`` uses it.
+        greedy: Take the most likely token (after suppression) instead of drawing; no
+            random state is used.
 
     Returns:
         tokens: Shape: (B, T); T <= max_new_tokens (the loop stops when every row ended).
@@ -167,7 +169,8 @@ def decode(first_logits: torch.Tensor, step: Callable[[torch.Tensor, int], torch
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
         scores = process_logits(logits, temperature, top_k, top_p, suppressed)
-        drawn = draw(scores.softmax(dim=-1), num_samples, generators)
+        drawn = scores.argmax(dim=-1) if greedy else draw(scores.softmax(dim=-1), num_samples,
+                                                          generators)
         drawn = torch.where(finished, torch.full_like(drawn, pad_token_id), drawn)
         tokens.append(drawn)
         logprobs.append(token_logprobs(logits, drawn, temperature, suppressed))
@@ -184,7 +187,7 @@ def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_ne
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          suppressed: Sequence[int] = (),
                          generators: Sequence[torch.Generator] | None = None,
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample K continuations of each prompt given as input embeddings; each prompt is
     prefilled once.
 
@@ -195,7 +198,7 @@ def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_ne
         lm: A transformers causal LM (``AutoModelForCausalLM``-like, with a KV cache).
         prefix: Shape: (N, P, H). Prompt input embeddings.
         num_samples, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
-        suppressed, generators: See ``decode``.
+        suppressed, generators, greedy: See ``decode``.
 
     Returns:
         tokens and logprobs, shapes (B, T), B = N * K prompt-major; see ``decode``.
@@ -218,4 +221,4 @@ def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_ne
 
     first = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # (B, V)
     return decode(first, step, num_samples, max_new_tokens, eos_token_id, pad_token_id,
-                  temperature, top_k, top_p, suppressed, generators)
+                  temperature, top_k, top_p, suppressed, generators, greedy)
