@@ -6,7 +6,7 @@ config (policy, reward terms, data, trainer) plus a ``demo`` section, and:
 1. evaluates the cross-entropy captioner (``baseline``), the same captioner forced into
    full-grammar captions (``ceiling``: what it could say if it said everything), and the true
    full captions (``oracle``), on the world's test images;
-2. runs VLRM's A2C training;
+2. runs VLRM's RL training (the paper's A2C, or the config's ``objective``);
 3. evaluates the tuned captioner (``final``);
 4. writes ``summary.json`` (the four, each a flat dict), ``captions.jsonl``, ``report.html`` (images with the
    captions before and after, training curves) and prints a before/after table.
@@ -93,7 +93,7 @@ def _evaluate(policy: Any, images: ShapesImages, ids: list[str], evaluators: dic
 
 
 def run_demo(policy: Any, reward: Any, data: Any, trainer_config: Any, output_dir: Path,
-             settings: DemoSettings) -> dict[str, Any]:
+             settings: DemoSettings, objective: Any = None) -> dict[str, Any]:
     """Baseline, ceiling, oracle, RL, final; writes summary.json and report.html."""
     from vlrm.evaluation import CaptionSet, run_evaluators
     from vlrm.report import GalleryItem, write_report
@@ -116,7 +116,7 @@ def run_demo(policy: Any, reward: Any, data: Any, trainer_config: Any, output_di
                         load_image=test.load_image)
     summary["oracle"] = run_evaluators(evaluators, oracle)
     captions["oracle"] = oracle
-    trainer = Trainer(policy, reward, data, trainer_config, output_dir)
+    trainer = Trainer(policy, reward, data, trainer_config, output_dir, objective=objective)
     trainer.train()
     summary["final"], captions["final"] = _evaluate(policy, test, ids, evaluators, settings, "final")
     summary = {name: {k: v for k, v in m.items() if not isinstance(v, str)}
@@ -175,7 +175,7 @@ def demo_main(argv: list[str]) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(parser.dump(cfg))
         summary = run_demo(init.policy, init.reward, init.data, trainer_config, output_dir,
-                           init.demo)
+                           init.demo, objective=init.objective)
     except ConfigError as exc:
         sys.stderr.write(f"vlrm-shapes: error: {exc}\n")
         return EXIT_CONFIG

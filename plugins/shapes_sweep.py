@@ -24,6 +24,8 @@ from typing import Any
 from vlrm.errors import ConfigError
 
 FRAGMENTS = Path("configs") / "shapes" / "objectives"
+#: The same folder in the source checkout this module runs from (when run elsewhere).
+CHECKOUT_FRAGMENTS = Path(__file__).resolve().parent.parent / FRAGMENTS
 #: Columns of the report: (label, how to read it from a run's record).
 TRAILING = 50  # steps averaged for the training reward at a wall-clock time
 
@@ -33,10 +35,10 @@ def objective_fragment(name: str) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    fragment = FRAGMENTS / f"{name}.yaml"
-    if fragment.is_file():
-        return fragment
-    known = sorted(p.stem for p in FRAGMENTS.glob("*.yaml")) if FRAGMENTS.is_dir() else []
+    for folder in (FRAGMENTS, CHECKOUT_FRAGMENTS):
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    known = sorted({p.stem for folder in (FRAGMENTS, CHECKOUT_FRAGMENTS) for p in folder.glob("*.yaml")})
     raise ConfigError(f"no objective {name!r}: give a fragment file or one of "
                       f"{', '.join(known) or f'the files of {FRAGMENTS} (run from the repository)'}")
 

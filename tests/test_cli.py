@@ -158,10 +158,12 @@ def test_empty_reward_terms_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, sim, override", [
-    ("vlrm.yaml", "itm", "vlrm_plugins.blip2_itm_reward.tiny_blip2_itm_reward"),
-    ("retrieval_spec.yaml", "clip", "vlrm_plugins.clip_reward.tiny_clip_reward")])
-def test_paper_configs_train_with_tiny_models(name, sim, override, tmp_path):
+@pytest.mark.parametrize("name, sim, override, objective", [
+    ("vlrm.yaml", "itm", "vlrm_plugins.blip2_itm_reward.tiny_blip2_itm_reward", "A2C"),
+    ("retrieval_spec.yaml", "clip", "vlrm_plugins.clip_reward.tiny_clip_reward", "A2C"),
+    ("grpo.yaml", "itm", "vlrm_plugins.blip2_itm_reward.tiny_blip2_itm_reward", "GRPO"),
+    ("rloo.yaml", "itm", "vlrm_plugins.blip2_itm_reward.tiny_blip2_itm_reward", "RLOO")])
+def test_paper_configs_train_with_tiny_models(name, sim, override, objective, tmp_path):
     out = tmp_path / "run"
     assert run(["--config", str(ROOT / "configs" / name),
                 '--policy={"class_path": "vlrm_plugins.blip2_opt.tiny_blip2_opt"}',
@@ -181,6 +183,9 @@ def test_paper_configs_train_with_tiny_models(name, sim, override, tmp_path):
     saved = load_state(out / "checkpoints" / LAST)["reward"][sim]  # normalisation survives a save
     assert saved["count"] == 2 * 2 * 2 and saved["mean"] == pytest.approx(rows[-1][f"reward/{sim}/running_mean"])
     assert {"reward/bad/rate", "reward/repeat/rate"} <= set(rows[-1])
+    meta = json.loads((out / "checkpoints" / LAST / "trainer_state.json").read_text())
+    assert meta["objective"] == objective
+    assert ("loss/value" in rows[-1]) is (objective == "A2C")  # only A2C has a critic
 
 
 def test_the_third_party_reward_is_unannotated():
@@ -201,3 +206,23 @@ def test_a_reward_that_does_not_fit_is_refused_with_the_reason(tmp_path, capsys)
     status, err = run_exit(["--config", TINY, f"--reward.terms.bad={term}"], capsys)
     assert status == 2
     assert "vlrm.data.ImageFolder" in err and "it is not callable" in err
+
+
+def test_a_trainer_setting_that_moved_to_the_objective_says_where_it_went(capsys):
+    status, err = run_exit(["--config", TINY, "--trainer.value_lr", "1e-3"], capsys)
+    assert status == 2
+    assert "objective.init_args.value_lr" in err and "vlrm.objective.A2C" in err
+
+
+def test_the_objective_is_chosen_in_the_config_and_listed_by_vlrm_plugins(tmp_path, capsys):
+    from vlrm.cli import plugins
+
+    out = tmp_path / "run"
+    assert run(["--config", TINY, "--objective", "vlrm_plugins.estimators.RLOO", *FAST,
+                f"--output_dir={out}"]) == 0
+    meta = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert meta["objective"] == "RLOO"
+    assert not (out / "checkpoints" / "last" / "value_head.safetensors").exists()
+    capsys.readouterr()
+    assert plugins([]) == 0
+    assert "objectives: a2c, rloo, grpo, dr_grpo, scst, ppo_clip" in capsys.readouterr().out

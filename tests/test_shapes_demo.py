@@ -203,3 +203,42 @@ def test_sweep_rejects_an_unknown_ablation(capsys):
 
     assert main(["sweep", "--ablations", "no_such", "--config", "x.yaml"]) != 0
     assert "no_such" in capsys.readouterr().err
+
+
+def test_sweep_over_objectives_runs_each_estimator_and_seed_and_writes_the_doc(built, tmp_path):
+    from vlrm_plugins.shapes_demo import main
+
+    out, doc = tmp_path / "sweep", tmp_path / "estimators.md"
+    doc.write_text("# Estimators\n\nProse before.\n\n<!-- sweep:begin -->\nold\n<!-- sweep:end -->\n\nProse after.\n")
+    w = str(built)
+    args = ["sweep", "--objectives", "a2c", "grpo", "--seeds", "0", "1", "--jobs", "2",
+            f"--output_dir={out}", f"--doc={doc}",
+            "--config", str(ROOT / "configs" / "shapes" / "vlrm_rs.yaml"),
+            f"--policy.init_args.weights={w}", f"--reward.terms.clip.reward.init_args.weights={w}",
+            f"--demo.weights={w}", "--demo.test_images=20", "--trainer.max_steps=2",
+            "--trainer.images_per_step=2", "--trainer.samples_per_image=2"]
+    assert main(args) == 0
+    results = json.loads((out / "sweep.json").read_text())
+    assert list(results) == ["a2c", "grpo"] and list(results["grpo"]) == ["seed0", "seed1"]
+    assert "vlrm_plugins.estimators.GRPO" in (out / "grpo" / "seed1" / "config.yaml").read_text()
+    assert "\nseed: 1\n" in (out / "grpo" / "seed1" / "config.yaml").read_text()
+    for name, critic in (("a2c", True), ("grpo", False)):  # the estimator that trained
+        row = json.loads((out / name / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert ("loss/value" in row) is critic, name
+    record = results["a2c"]["seed0"]
+    assert record["steps"] == 2 and record["peak_mib"] > 100 and record["s_per_step"] > 0
+    text = doc.read_text()
+    assert "Prose before." in text and "Prose after." in text and "\nold\n" not in text
+    assert "| grpo | 0, 1 |" in text and "(worst " in text and "| (ceiling) |" in text
+    # A finished run is not run again.
+    stamp = (out / "a2c" / "seed0" / "summary.json").stat().st_mtime
+    assert main(args) == 0
+    assert (out / "a2c" / "seed0" / "summary.json").stat().st_mtime == stamp
+
+
+def test_sweep_names_the_unknown_objective(capsys):
+    from vlrm_plugins.shapes_demo import main
+
+    assert main(["sweep", "--objectives", "no_such", "--config", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such" in err and "grpo" in err
