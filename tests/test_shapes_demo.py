@@ -211,7 +211,7 @@ def test_sweep_over_objectives_runs_each_estimator_and_seed_and_writes_the_doc(b
     out, doc = tmp_path / "sweep", tmp_path / "estimators.md"
     doc.write_text("# Estimators\n\nProse before.\n\n<!-- sweep:begin -->\nold\n<!-- sweep:end -->\n\nProse after.\n")
     w = str(built)
-    args = ["sweep", "--objectives", "a2c", "grpo", "--seeds", "0", "1", "--jobs", "2",
+    args = ["sweep", "--objectives", "a2c", "grpo", "--seeds", "1", "--jobs", "2",
             f"--output_dir={out}", f"--doc={doc}",
             "--config", str(ROOT / "configs" / "shapes" / "vlrm_rs.yaml"),
             f"--policy.init_args.weights={w}", f"--reward.terms.clip.reward.init_args.weights={w}",
@@ -219,21 +219,22 @@ def test_sweep_over_objectives_runs_each_estimator_and_seed_and_writes_the_doc(b
             "--trainer.images_per_step=2", "--trainer.samples_per_image=2"]
     assert main(args) == 0
     results = json.loads((out / "sweep.json").read_text())
-    assert list(results) == ["a2c", "grpo"] and list(results["grpo"]) == ["seed0", "seed1"]
+    assert list(results) == ["a2c", "grpo"] and list(results["grpo"]) == ["seed1"]
     assert "vlrm_plugins.estimators.GRPO" in (out / "grpo" / "seed1" / "config.yaml").read_text()
     assert "\nseed: 1\n" in (out / "grpo" / "seed1" / "config.yaml").read_text()
     for name, critic in (("a2c", True), ("grpo", False)):  # the estimator that trained
-        row = json.loads((out / name / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+        row = json.loads((out / name / "seed1" / "metrics.jsonl").read_text().splitlines()[-1])
         assert ("loss/value" in row) is critic, name
-    record = results["a2c"]["seed0"]
+    record = results["a2c"]["seed1"]
     assert record["steps"] == 2 and record["peak_mib"] > 100 and record["s_per_step"] > 0
     text = doc.read_text()
     assert "Prose before." in text and "Prose after." in text and "\nold\n" not in text
-    assert "| grpo | 0, 1 |" in text and "(worst " in text and "| (ceiling) |" in text
-    # A finished run is not run again.
-    stamp = (out / "a2c" / "seed0" / "summary.json").stat().st_mtime
-    assert main(args) == 0
-    assert (out / "a2c" / "seed0" / "summary.json").stat().st_mtime == stamp
+    assert "| grpo | 1 |" in text and "| (ceiling) |" in text
+    # A finished run is not run again: a second seed runs, the first is read back.
+    stamp = (out / "a2c" / "seed1" / "summary.json").stat().st_mtime
+    assert main(["sweep", "--objectives", "a2c", "--seeds", "1", "2", *args[6:]]) == 0
+    assert (out / "a2c" / "seed1" / "summary.json").stat().st_mtime == stamp
+    assert "| a2c | 1, 2 |" in doc.read_text() and "(worst " in doc.read_text()
 
 
 def test_sweep_names_the_unknown_objective(capsys):
