@@ -220,6 +220,8 @@ def test_estimator_settings_are_checked_with_the_key_named():
     with pytest.raises(ConfigError, match="clip"):
         PPOClip(RLOO(), clip=0.0)
     with pytest.raises(ConfigError, match="aggregation"):
+        GRPO(aggregation="mean")
+    with pytest.raises(TypeError):  # A2C's loss is the paper's token mean, not a setting
         A2C(aggregation="sequence")
 
 

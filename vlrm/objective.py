@@ -267,7 +267,7 @@ class A2C(Estimator):
     """The paper's advantage actor-critic: A_k = R(t_k) - V(s_k) with a learnable value head.
 
     L = -mean(A log pi) + vf_coef * mean((V - R)^2) - ent_coef * mean(entropy), means over
-    real tokens (``aggregation`` token; the others are refused: the paper's loss).
+    real tokens (the paper's loss; A2C takes no ``aggregation``).
 
     Args:
         value_lr: AdamW learning rate of the value head [ours: 1e-4].
@@ -278,6 +278,9 @@ class A2C(Estimator):
         value_hidden: Width H' of the value head's hidden layer [ours: 256].
     """
 
+    #: Always the token mean (the paper's loss); not an argument, so that switching a config's
+    #: objective from A2C to another estimator never carries an A2C aggregation over to it.
+    aggregation: str = field(default="token", init=False)
     value_lr: float = 1e-4
     vf_coef: float = 0.5
     whiten_advantages: bool = False
@@ -289,8 +292,6 @@ class A2C(Estimator):
         _check("A2C", {"value_lr": self.value_lr, "vf_coef": self.vf_coef,
                        "value_hidden": self.value_hidden},
                {"value_lr": 0.0, "vf_coef": 0.0, "value_hidden": 1})
-        if self.aggregation != "token":
-            raise ConfigError("objective A2C: aggregation must be token (the paper's loss)")
 
     @property
     def value_head(self) -> ValueHead | None:
