@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml examples/reward_plugin/pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vlrm-shapes demo --config configs/shapes/vlrm_rs.yaml
+	$(VENV)/bin/vlrm-shapes demo --config configs/shapes/demo.yaml
 
 smoke: $(STAMP)
 	$(VENV)/bin/vlrm-run --config configs/tiny.yaml

@@ -250,6 +250,12 @@ def sweep_main(argv: list[str]) -> int:
     parser.add_argument("--doc", default=None,
                         help="with --objectives: also write the tables into this markdown file "
                              "(between its sweep markers, or as a new file)")
+    parser.add_argument("--doc_section", default="",
+                        help="with --doc: which marked block of the file to replace "
+                             "(<!-- sweep:NAME:begin -->); default the unnamed one")
+    parser.add_argument("--timing", default=None,
+                        help="with --objectives: the sweep.json of a timing sweep (one run at a "
+                             "time) to take seconds per step and memory from")
     parser.add_argument("--output_dir", default="runs/shapes_sweep")
     args, demo_args = parser.parse_known_args(argv)
     if args.objectives:
@@ -283,13 +289,20 @@ def _objective_sweep(args: Any, demo_args: list[str]) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"vlrm-shapes: error: {exc}\n")
         return EXIT_CONFIG
-    table = estimator_table(results)
+    timing = None
+    if args.timing:
+        timed = json.loads(Path(args.timing).read_text())
+        timing = {name: {"s_per_step": sum(r["s_per_step"] for r in runs.values()) / len(runs),
+                         "peak_mib": max(r["peak_mib"] for r in runs.values())}
+                  for name, runs in timed.items()}
+    table = estimator_table(results, timing)
     (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "sweep.md").write_text(table)
     if args.doc:
         command = " ".join(["vlrm-shapes sweep", "--objectives", *args.objectives, "--seeds",
-                            *map(str, args.seeds), *demo_args])
-        write_doc(Path(args.doc), table, command)
+                            *map(str, args.seeds), *(["--timing", args.timing] if args.timing else []),
+                            *demo_args])
+        write_doc(Path(args.doc), table, command, args.doc_section)
     print(table)
     return 0
 

@@ -60,19 +60,17 @@ def run_record(run_dir: Path, seconds: float, peak_mib: float) -> dict[str, Any]
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step_s" in r]
-    clock, curve = 0.0, []
-    for row in rows:
-        clock += row["time/step_s"]
-        curve.append((clock, row.get("reward/clip", row["reward/total"])))
+    clock = sum(row["time/step_s"] for row in rows)
+    curve = [(row["step"], row.get("reward/clip", row["reward/total"])) for row in rows]
     return {"summary": summary, "steps": len(rows), "train_s": clock,
             "s_per_step": clock / max(len(rows), 1), "wall_s": seconds, "peak_mib": peak_mib,
-            "reward_curve": curve[::10] + curve[-1:]}
+            "reward_curve": curve}
 
 
-def reward_at(curve: Sequence[Sequence[float]], seconds: float) -> float:
-    """Mean training reward of the last logged points up to ``seconds`` of training."""
-    points = [r for t, r in curve if t <= seconds] or [curve[0][1]]
-    return statistics.mean(points[-max(TRAILING // 10, 1):])
+def reward_at(curve: Sequence[Sequence[float]], step: float) -> float:
+    """Mean training reward (the reward CLIP's score) of the ``TRAILING`` steps up to ``step``."""
+    points = [r for s, r in curve if s <= step] or [curve[0][1]]
+    return statistics.mean(points[-TRAILING:])
 
 
 def gap_share(summary: dict[str, dict[str, float]], key: str = "clip_recall/r1") -> float:
@@ -81,36 +79,53 @@ def gap_share(summary: dict[str, dict[str, float]], key: str = "clip_recall/r1")
     return (summary["final"][key] - base) / (ceiling - base) if ceiling != base else 0.0
 
 
-def _cell(values: Sequence[float], digits: int = 3) -> str:
+def _cell(values: Sequence[float], digits: int = 3, higher_is_better: bool = True) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
+    worst = min(values) if higher_is_better else max(values)
     return (f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} "
-            f"(worst {min(values):.{digits}f})")
+            f"(worst {worst:.{digits}f})")
 
 
-def estimator_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """The markdown tables of a sweep: estimator -> seed -> run record."""
-    finished = [r for runs in results.values() for r in runs.values()]
-    equal_clock = min(r["train_s"] for r in finished)
+def estimator_table(results: dict[str, dict[str, dict[str, Any]]],
+                    timing: dict[str, dict[str, float]] | None = None) -> str:
+    """The markdown table of a sweep: estimator -> seed -> run record.
+
+    Args:
+        results: The sweep's run records.
+        timing: Estimator -> ``s_per_step`` and ``peak_mib`` measured apart, one run at a time
+            (runs of a sweep share the CPU, so their own timings are not comparable); None =
+            the sweep's own.
+
+    The last column compares at equal wall-clock: each estimator's training reward after as
+    many steps as it runs in the time the fastest one needs for all of its steps.
+    """
+    def speed(name: str, key: str, runs: list[dict[str, Any]]) -> float:
+        if timing and name in timing:
+            return timing[name][key]
+        return (statistics.mean if key == "s_per_step" else max)(r[key] for r in runs)
+
+    budget = min(speed(n, "s_per_step", list(runs.values())) * max(r["steps"] for r in runs.values())
+                 for n, runs in results.items())
     header = ("| estimator | seeds | judge R@1 | share of gap | reward R@1 | grammar | "
               "n-gram repetition | invented objects | s / step | peak RSS (MiB) | "
-              f"train reward at {equal_clock:.0f} s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+              f"train reward at {budget:.0f} s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, runs in results.items():
         rs = list(runs.values())
         final = [r["summary"]["final"] for r in rs]
+        s_per_step = speed(name, "s_per_step", rs)
         lines.append(
             f"| {name} | {', '.join(s.removeprefix('seed') for s in runs)} | "
             f"{_cell([f['clip_recall/r1'] for f in final])} | "
             f"{_cell([gap_share(r['summary']) for r in rs], 2)} | "
             f"{_cell([f['reward_clip/r1'] for f in final])} | "
             f"{_cell([f['caption/grammar_rate'] for f in final])} | "
-            f"{_cell([f['caption/repetition_rate'] for f in final])} | "
-            f"{_cell([f['caption/invented_objects'] for f in final])} | "
-            f"{statistics.mean(r['s_per_step'] for r in rs):.3f} | "
-            f"{max(r['peak_mib'] for r in rs):.0f} | "
-            f"{_cell([reward_at(r['reward_curve'], equal_clock) for r in rs])} |")
-    first = finished[0]["summary"]
+            f"{_cell([f['caption/repetition_rate'] for f in final], higher_is_better=False)} | "
+            f"{_cell([f['caption/invented_objects'] for f in final], higher_is_better=False)} | "
+            f"{s_per_step:.3f} | {speed(name, 'peak_mib', rs):.0f} | "
+            f"{_cell([reward_at(r['reward_curve'], budget / s_per_step) for r in rs])} |")
+    first = next(iter(next(iter(results.values())).values()))["summary"]
     refs = []
     for ref in ("baseline", "ceiling", "oracle"):
         m = first[ref]
@@ -133,8 +148,9 @@ def sweep_objectives(objectives: Sequence[str], seeds: Sequence[int], demo_args:
         name, seed = item
         run_dir = out / name / f"seed{seed}"
         done = run_dir / "sweep_run.json"
-        if done.is_file():
-            return name, seed, json.loads(done.read_text())
+        if done.is_file():  # measured before: read its outputs again (the format may be newer)
+            kept = json.loads(done.read_text())
+            return name, seed, run_record(run_dir, kept["wall_s"], kept["peak_mib"])
         run_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "vlrm_plugins.shapes_demo", "demo", *demo_args,
                    "--config", str(fragments[name]), f"--seed={seed}",
@@ -144,7 +160,7 @@ def sweep_objectives(objectives: Sequence[str], seeds: Sequence[int], demo_args:
         if code != 0:
             raise RuntimeError(f"{name} seed {seed} exited {code}; see {run_dir / 'demo.log'}")
         record = run_record(run_dir, seconds, peak)
-        done.write_text(json.dumps(record) + "\n")
+        done.write_text(json.dumps({k: v for k, v in record.items() if k != "reward_curve"}) + "\n")
         return name, seed, record
 
     results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in objectives}
@@ -156,17 +172,16 @@ def sweep_objectives(objectives: Sequence[str], seeds: Sequence[int], demo_args:
     return results
 
 
-BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
-
-
-def write_doc(path: Path, table: str, command: str) -> None:
-    """Put the tables between the doc's sweep markers (the prose around them stays), or
-    start the doc."""
-    block = (f"{BEGIN}\nWritten by `{command}`.\n\n{table}{END}")
-    if path.is_file() and BEGIN in path.read_text() and END in path.read_text():
+def write_doc(path: Path, table: str, command: str, section: str = "") -> None:
+    """Put the table between the doc's markers ``<!-- sweep[:section]:begin -->`` and
+    ``...:end -->`` (the prose around them stays), or start the doc."""
+    name = f"sweep:{section}:" if section else "sweep:"
+    begin, end = f"<!-- {name}begin -->", f"<!-- {name}end -->"
+    block = (f"{begin}\nWritten by `{command}`.\n\n{table}{end}")
+    if path.is_file() and begin in path.read_text() and end in path.read_text():
         text = path.read_text()
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = f"# Estimators side by side in the shapes world\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from vlrm.trainer import Trainer, TrainerConfig
 from vlrm_plugins.estimators import GRPO, RLOO, SCST, DrGRPO, PPOClip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from a2c_reference import REFERENCE, a2c_rows  # noqa: E402
+from a2c_reference import REFERENCE, ROOT, a2c_rows  # noqa: E402
 
 REWARDS = torch.tensor([[0, -1, 2], [0, 3, 0], [2, 0, 0],
                         [0, 0, 4], [1, 0, 1], [-0.5, 3.5, 0]], dtype=torch.float64)
@@ -297,3 +297,41 @@ def test_a2c_metrics_rows_are_those_of_the_trainer_before_objectives(tmp_path):
         assert set(got) == set(want), set(got) ^ set(want)
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (got["step"], key)
+
+
+def test_estimator_configs_differ_from_their_base_only_where_they_say():
+    """configs/shapes/demo.yaml is vlrm_rs.yaml with GRPO in 1,000 steps; configs/grpo.yaml and
+    rloo.yaml are vlrm.yaml with the estimator swapped (an included file's sections are
+    replaced whole, so a stray section there would silently reset settings)."""
+    from vlrm_plugins.shapes_demo import _demo_parser
+
+    from vlrm.cli import build_parser
+
+    def resolved(parser, *files):
+        cfg = parser.parse_args([a for f in files for a in ("--config", str(ROOT / "configs" / f))])
+        cfg = cfg.as_dict()
+        cfg.pop("config", None)  # the files themselves
+        return cfg
+
+    def differences(a, b, prefix=""):
+        keys = set(a) | set(b)
+        out = set()
+        for k in keys:
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                out |= differences(a[k], b[k], f"{prefix}{k}.")
+            elif a.get(k) != b.get(k):
+                out.add(f"{prefix}{k}")
+        return out
+
+    demo = resolved(_demo_parser(), "shapes/demo.yaml")
+    assert demo["objective"]["class_path"] == "vlrm_plugins.estimators.GRPO"
+    assert {d for d in differences(demo, resolved(_demo_parser(), "shapes/vlrm_rs.yaml"))
+            if not d.startswith("objective.")} == {"trainer.max_steps", "output_dir"}
+    # the demo runs what docs/estimators.md measured: vlrm_rs.yaml + the sweep's GRPO fragment
+    swept = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/grpo.yaml")
+    assert demo["objective"] == swept["objective"]
+    for name, estimator in (("grpo.yaml", "GRPO"), ("rloo.yaml", "RLOO")):
+        config = resolved(build_parser(), name)
+        assert config["objective"]["class_path"] == f"vlrm_plugins.estimators.{estimator}"
+        assert {d for d in differences(config, resolved(build_parser(), "vlrm.yaml"))
+                if not d.startswith("objective.")} == {"output_dir"}
