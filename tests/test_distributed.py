@@ -92,7 +92,7 @@ def test_fsdp_ranks_that_sample_different_lengths_do_not_deadlock(tmp_path):
     assert max(max(step[4:]) for step in lengths) > max(max(step[:4]) for step in lengths)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_runs_the_tiny_config_on_two_processes(tmp_path, parallel):
     out = tmp_path / "run"
     proc = torchrun(2, "-m", "vlrm.cli", "--config", "configs/tiny.yaml",
@@ -109,7 +109,7 @@ def test_torchrun_runs_the_tiny_config_on_two_processes(tmp_path, parallel):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "step-2", "step-3"]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_run_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, parallel):
     def launch(out, *extra, kill_at=None):
         return torchrun(2, "-m", "vlrm.cli", "--config", "configs/tiny.yaml",

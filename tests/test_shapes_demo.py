@@ -118,7 +118,6 @@ def test_the_shipped_world_loads_through_the_default_paths():
     assert shapes_clip_recall().protocol["backbone"] == "shapes-judge-clip"
 
 
-@pytest.mark.extended
 def test_build_in_one_process_trains_the_same_clips(built, tmp_path):
     """workers=1 runs the stages in turn, sharing one rendering of the images; the CLIPs it
     trains are the ones the two-process build trains (same seeds, same steps)."""
