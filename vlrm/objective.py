@@ -342,7 +342,7 @@ class A2C(Estimator):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The value head's weights, whole (gathered from FSDP2 shards: a collective call)."""
-        return {k: _full(v.detach()) for k, v in self.value_head.state_dict().items()}
+        return {k: full_tensor(v.detach()) for k, v in self.value_head.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         mine = self.value_head.state_dict(keep_vars=True)
@@ -372,6 +372,6 @@ def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
-def _full(x: torch.Tensor) -> torch.Tensor:
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
     """A plain tensor from an FSDP2 DTensor (itself otherwise)."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x

@@ -27,7 +27,8 @@ from vlrm.distributed import World, sample_seeds
 from vlrm.errors import ConfigError, TrainingError, is_real
 from vlrm.evaluation import PeriodicEval, numeric
 from vlrm.faults import fault_point
-from vlrm.objective import A2C, StepBatch, Targets, minibatch_images, select_images
+from vlrm.objective import (A2C, StepBatch, Targets, full_tensor, minibatch_images,
+                            select_images)
 from vlrm.protocols import (Objective, Policy, Reward, SeededSampler, Shardable, implements,
                             require)
 from vlrm.rewards import CompositeReward, bind_if_policy_aware
@@ -351,7 +352,7 @@ class Trainer:
                 "(reward/* in metrics.jsonl); with policy autocast float16, try bfloat16. "
                 "trainer.max_nonfinite_steps sets how many skips are allowed.")
         return {k: v / updates for k, v in totals.items()}, \
-            {k: float(_full(v)) for k, v in norms.items()}, skipped
+            {k: float(v) for k, v in norms.items()}, skipped
 
     def _clip_gradients(self) -> dict[str, torch.Tensor]:
         """Clip the policy's and each objective group's gradients apart (a critic's loss, on
@@ -361,7 +362,7 @@ class Trainer:
         for group in self.objective_groups:
             norms[group.get("name", "objective")] = torch.nn.utils.clip_grad_norm_(
                 group["params"], limit)
-        return {k: _full(v) for k, v in norms.items()}
+        return {k: full_tensor(v) for k, v in norms.items()}
 
     def _metrics(self, rollout: Rollout, rewards: RewardOutput, step: StepBatch,
                  targets: Targets, stats: dict[str, float], norms: dict[str, float],
@@ -398,7 +399,7 @@ class Trainer:
 
     def named_trainable(self) -> dict[str, torch.Tensor]:
         """The policy's trainable tensors by name, whole (a collective call under FSDP)."""
-        return {n: _full(p.detach()) for n, p in self.trainable().items()}
+        return {n: full_tensor(p.detach()) for n, p in self.trainable().items()}
 
     # -- checkpoints and the loop ---------------------------------------------------------
 
@@ -479,11 +480,6 @@ def out_of_memory_message(cfg: TrainerConfig, exc: BaseException, world: World) 
             "Otherwise start a new run with a lower trainer.images_per_step or "
             "trainer.samples_per_image, or, on several GPUs, trainer.parallel: fsdp to shard the "
             "policy (a run cannot resume with other batch settings or another parallel mode).")
-
-
-def _full(x: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from an FSDP2 DTensor (itself otherwise)."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 def _finite(x: Any) -> bool:
