@@ -249,7 +249,7 @@ class PPOClip:
             self.clip)
         loss, stats = self.estimator.loss(targets, out, values, policy_term=surrogate)
         if self.kl_coef:
-            kl = self.estimator.aggregate(rl.k3_kl(out.logprobs, targets.ref_logprobs), mask)
+            kl = self.estimator.aggregate(rl.k3_kl(out.logprobs, targets.ref_logprobs, mask), mask)
             loss = loss + self.kl_coef * kl
             stats["loss/kl"] = kl.detach()
             stats["loss/total"] = loss.detach()

@@ -184,6 +184,21 @@ def test_ppo_k3_penalty_is_zero_at_the_reference_and_positive_away_from_it():
     assert rl.k3_kl(torch.tensor([-1.0 - d]), torch.tensor([-1.0])).item() == pytest.approx(2 - d - 1)
 
 
+def test_k3_penalty_on_padding_is_zero_even_where_a_suppressed_pad_scores_the_smallest_float():
+    # The shapes captioner suppresses its pad token: the policy scores padding at about
+    # finfo.min while the reference's log-probs are zeroed there; unmasked, exp(d) is inf and
+    # the masked sum NaN (every PPO-clip step with kl_coef was skipped on the shapes world).
+    tiny = torch.finfo(torch.float32).min
+    logprobs = torch.tensor([[-1.0, -2.0, tiny]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    kl = rl.k3_kl(logprobs, ref, mask)
+    assert torch.isfinite(rl.k3_kl(logprobs, ref)).tolist() == [[True, True, False]]
+    assert kl[0, 2].item() == 0 and kl[0, 1].item() == pytest.approx(math.e - 1 - 1)
+    rl.aggregate(kl, mask, "token", num_tokens=mask.sum(), num_captions=torch.tensor(1)).backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 2].item() == 0
+
+
 def test_group_normalisation_of_each_term_before_the_weighted_sum():
     per_token = REWARDS.float() * MASK
     normed = group_standardize(per_token, MASK, GROUP, eps=0.0)

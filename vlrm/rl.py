@@ -346,8 +346,16 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach(), log_ratio.detach()
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+          mask: torch.Tensor | None = None) -> torch.Tensor:
     """Schulman's k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1, d = log pi_ref
-    - log pi; unbiased, non-negative, differentiable through ``logprobs``. Shape: (B, T)."""
+    - log pi; unbiased, non-negative, differentiable through ``logprobs``. Shape: (B, T).
+
+    With ``mask`` (B, T) bool, padding gets exactly 0 whatever either log-prob holds there
+    (a suppressed pad token scores the smallest float, and exp of the difference would be
+    inf, and inf x 0 = NaN in any masked sum), and its gradient is 0 too.
+    """
     d = ref_logprobs.detach() - logprobs
+    if mask is not None:
+        d = torch.where(mask.to(d.device), d, torch.zeros_like(d))
     return d.exp() - d - 1.0
