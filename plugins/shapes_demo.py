@@ -47,6 +47,10 @@ class DemoSettings:
         world_seed: The world's seed (scenes of the test split).
         max_new_tokens: Caption length limit for evaluation.
         gallery_size: Images shown in the report.
+        judge_every: Also judge the test images every this many RL steps (0 = only before
+            and after RL); each judgement is a row of ``eval/...`` keys in ``metrics.jsonl``
+            and ``eval/step-<N>.json``. Greedy captions draw no random numbers, so the
+            training itself is unchanged.
     """
 
     test_images: int = 1000
@@ -54,6 +58,11 @@ class DemoSettings:
     world_seed: int = 0
     max_new_tokens: int = 20
     gallery_size: int = 24
+    judge_every: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.judge_every, int) or self.judge_every < 0:
+            raise ConfigError(f"demo.judge_every must be an integer >= 0, got {self.judge_every!r}")
 
 
 def full_grammar(tokenizer: Any) -> Any:
@@ -116,7 +125,15 @@ def run_demo(policy: Any, reward: Any, data: Any, trainer_config: Any, output_di
                         load_image=test.load_image)
     summary["oracle"] = run_evaluators(evaluators, oracle)
     captions["oracle"] = oracle
-    trainer = Trainer(policy, reward, data, trainer_config, output_dir, objective=objective)
+    during = None
+    if settings.judge_every:
+        from vlrm.evaluation import PeriodicEval
+
+        during = PeriodicEval({"clip_recall": evaluators["clip_recall"], "caption": evaluators["caption"]},
+                              test, every=settings.judge_every, num_images=len(ids),
+                              max_new_tokens=settings.max_new_tokens, batch_size=100)
+    trainer = Trainer(policy, reward, data, trainer_config, output_dir, objective=objective,
+                      evaluation=during)
     trainer.train()
     summary["final"], captions["final"] = _evaluate(policy, test, ids, evaluators, settings, "final")
     summary = {name: {k: v for k, v in m.items() if not isinstance(v, str)}

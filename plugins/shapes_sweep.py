@@ -28,6 +28,7 @@ FRAGMENTS = Path("configs") / "shapes" / "objectives"
 CHECKOUT_FRAGMENTS = Path(__file__).resolve().parent.parent / FRAGMENTS
 #: Columns of the report: (label, how to read it from a run's record).
 TRAILING = 50  # steps averaged for the training reward at a wall-clock time
+JUDGE_KEY = "eval/clip_recall/r1"  # the judge during training (vlrm-shapes demo --demo.judge_every)
 
 
 def objective_fragment(name: str) -> Path:
@@ -58,19 +59,26 @@ def _run(command: list[str], log: Path, threads: int) -> tuple[int, float, float
 def run_record(run_dir: Path, seconds: float, peak_mib: float) -> dict[str, Any]:
     """What the report needs of one finished run."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "time/step_s" in r]
+    every = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in every if "time/step_s" in r]
+    judged = [(r["step"], r[JUDGE_KEY]) for r in every if JUDGE_KEY in r]  # demo.judge_every
     clock = sum(row["time/step_s"] for row in rows)
     curve = [(row["step"], row.get("reward/clip", row["reward/total"])) for row in rows]
     return {"summary": summary, "steps": len(rows), "train_s": clock,
             "s_per_step": clock / max(len(rows), 1), "wall_s": seconds, "peak_mib": peak_mib,
-            "reward_curve": curve}
+            "reward_curve": curve, "judge_curve": judged}
 
 
 def reward_at(curve: Sequence[Sequence[float]], step: float) -> float:
     """Mean training reward (the reward CLIP's score) of the ``TRAILING`` steps up to ``step``."""
     points = [r for s, r in curve if s <= step] or [curve[0][1]]
     return statistics.mean(points[-TRAILING:])
+
+
+def judge_at(curve: Sequence[Sequence[float]], step: float) -> float | None:
+    """Judge R@1 of the last judgement at or before ``step`` (None: not judged by then)."""
+    points = [r for s, r in curve if s <= step]
+    return points[-1] if points else None
 
 
 def gap_share(summary: dict[str, dict[str, float]], key: str = "clip_recall/r1") -> float:
@@ -97,8 +105,10 @@ def estimator_table(results: dict[str, dict[str, dict[str, Any]]],
             (runs of a sweep share the CPU, so their own timings are not comparable); None =
             the sweep's own.
 
-    The last column compares at equal wall-clock: each estimator's training reward after as
-    many steps as it runs in the time the fastest one needs for all of its steps.
+    The last columns compare at equal wall-clock: each estimator's training reward, and its
+    judge R@1 (the last judgement by then, from runs with ``--demo.judge_every``; "-" when
+    a run has none), after as many steps as it runs in the time the fastest one needs for
+    all of its steps.
     """
     def speed(name: str, key: str, runs: list[dict[str, Any]]) -> float:
         if timing and name in timing:
@@ -109,7 +119,8 @@ def estimator_table(results: dict[str, dict[str, dict[str, Any]]],
                  for n, runs in results.items())
     header = ("| estimator | seeds | judge R@1 | share of gap | reward R@1 | grammar | "
               "n-gram repetition | invented objects | s / step | peak RSS (MiB) | "
-              f"train reward at {budget:.0f} s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+              f"train reward at {budget:.0f} s | judge R@1 at {budget:.0f} s (step) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, runs in results.items():
         rs = list(runs.values())
@@ -124,15 +135,25 @@ def estimator_table(results: dict[str, dict[str, dict[str, Any]]],
             f"{_cell([f['caption/repetition_rate'] for f in final], higher_is_better=False)} | "
             f"{_cell([f['caption/invented_objects'] for f in final], higher_is_better=False)} | "
             f"{s_per_step:.3f} | {speed(name, 'peak_mib', rs):.0f} | "
-            f"{_cell([reward_at(r['reward_curve'], budget / s_per_step) for r in rs])} |")
+            f"{_cell([reward_at(r['reward_curve'], budget / s_per_step) for r in rs])} | "
+            f"{_judged_cell(rs, budget / s_per_step)} |")
     first = next(iter(next(iter(results.values())).values()))["summary"]
     refs = []
     for ref in ("baseline", "ceiling", "oracle"):
         m = first[ref]
         refs.append(f"| ({ref}) | | {m['clip_recall/r1']:.3f} | | {m['reward_clip/r1']:.3f} | "
                     f"{m['caption/grammar_rate']:.3f} | {m['caption/repetition_rate']:.3f} | "
-                    f"{m['caption/invented_objects']:.3f} | | | |")
+                    f"{m['caption/invented_objects']:.3f} | | | | |")
     return header + "\n".join(lines + refs) + "\n"
+
+
+def _judged_cell(runs: list[dict[str, Any]], steps: float) -> str:
+    """Judge R@1 at ``steps`` over the runs, with the step it was judged at; "-" if unjudged."""
+    values = [judge_at(r.get("judge_curve", []), steps) for r in runs]
+    if any(v is None for v in values):
+        return "-"
+    at = {max(s for s, _ in r["judge_curve"] if s <= steps) for r in runs}
+    return f"{_cell(values)} ({', '.join(str(s) for s in sorted(at))})"
 
 
 def sweep_objectives(objectives: Sequence[str], seeds: Sequence[int], demo_args: Sequence[str],

@@ -237,6 +237,59 @@ def test_sweep_over_objectives_runs_each_estimator_and_seed_and_writes_the_doc(b
     assert "| a2c | 1, 2 |" in doc.read_text() and "(worst " in doc.read_text()
 
 
+def test_judging_during_training_leaves_the_training_unchanged(built, tmp_path):
+    from vlrm_plugins.shapes_demo import main
+
+    w = str(built)
+
+    def run(every):
+        out = tmp_path / f"every{every}"
+        assert main(["demo", "--config", str(ROOT / "configs" / "shapes" / "demo.yaml"),
+                     f"--policy.init_args.weights={w}", f"--reward.terms.clip.reward.init_args.weights={w}",
+                     f"--demo.weights={w}", "--demo.test_images=20", "--trainer.max_steps=3",
+                     "--trainer.images_per_step=2", "--trainer.samples_per_image=2",
+                     "--trainer.progress=false", f"--demo.judge_every={every}",
+                     f"--output_dir={out}"]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            row.pop("time/step_s", None)
+        return rows, json.loads((out / "summary.json").read_text())
+
+    plain, plain_summary = run(0)
+    judged, judged_summary = run(2)
+    judgements = [r for r in judged if "eval/clip_recall/r1" in r]
+    assert [r["step"] for r in judgements] == [0, 2, 3]  # before RL, every 2 steps, the end
+    assert [r for r in judged if "eval/clip_recall/r1" not in r] == plain
+    assert judged_summary == plain_summary
+    assert judgements[-1]["eval/clip_recall/r1"] == judged_summary["final"]["clip_recall/r1"]
+    assert main(["demo", "--config", str(ROOT / "configs" / "shapes" / "demo.yaml"),
+                 "--demo.judge_every=-1"]) == 2
+
+
+def test_estimator_table_judges_each_estimator_at_the_fastest_ones_wall_clock():
+    from vlrm_plugins.shapes_sweep import estimator_table
+
+    keys = ("clip_recall/r1", "reward_clip/r1", "caption/grammar_rate",
+            "caption/repetition_rate", "caption/invented_objects")
+    summary = {ref: dict.fromkeys(keys, 0.5) for ref in ("baseline", "final", "ceiling", "oracle")}
+    summary["baseline"]["clip_recall/r1"] = 0.0
+
+    def record(s_per_step, judged):
+        return {"summary": summary, "steps": 10, "s_per_step": s_per_step, "peak_mib": 900.0,
+                "reward_curve": [(s, 0.1 * s) for s in range(1, 11)], "judge_curve": judged}
+
+    table = estimator_table({
+        "fast": {"seed1": record(1.0, [(0, 0.1), (5, 0.2), (10, 0.3)])},
+        "slow": {"seed1": record(2.0, [(0, 0.1), (4, 0.4), (6, 0.6), (10, 0.7)])},
+        "unjudged": {"seed1": record(1.0, [])}})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()}
+    assert "judge R@1 at 10 s (step)" in table  # the fastest needs 10 s for its 10 steps
+    assert rows["fast"][-1].strip(" |") == "0.300 (10)"
+    assert rows["slow"][-1].strip(" |") == "0.400 (4)"  # 5 steps in 10 s: judged last at 4
+    assert rows["slow"][-2] == "0.300"  # training reward: mean of its steps 1..5
+    assert rows["unjudged"][-1].strip(" |") == "-"
+
+
 def test_sweep_names_the_unknown_objective(capsys):
     from vlrm_plugins.shapes_demo import main
 
