@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml examples/reward_plugin/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' -e examples/reward_plugin
+	$(PY) -m pip install -q -e '.[test,bench]' -e examples/reward_plugin
 	touch $(STAMP)
 
 setup: $(STAMP)

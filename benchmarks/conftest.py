@@ -91,8 +91,7 @@ def compare(benchmark: Any, request: pytest.FixtureRequest) -> Callable[..., flo
     ``extra_info``. ``extra(vlrm_median_s)`` adds figures to the row (e.g. tokens/s). With
     ``target`` set, the benchmark fails when the ratio is below it.
     """
-    config = request.config
-    rounds = 1 if config.getoption("--quick") else config.getoption("--rounds")
+    rounds = rounds_of(request.config)
 
     def run(ours: Callable[[], Any], baseline: Callable[[], Any], *, units: int, unit: str,
             target: float | None = None, baseline_name: str = "naive",
@@ -107,20 +106,34 @@ def compare(benchmark: Any, request: pytest.FixtureRequest) -> Callable[..., flo
             timed_baseline()
 
         benchmark.pedantic(_timed(ours, ours_s), setup=setup, rounds=rounds, iterations=1)
-        ours_med, base_med = statistics.median(ours_s), statistics.median(base_s)
-        ratio = base_med / ours_med
-        row = {"benchmark": request.node.name, "baseline": baseline_name,
-               "vlrm_s": ours_med, "baseline_s": base_med, "ratio": ratio, "target": target,
-               "unit": unit, "vlrm_per_s": units / ours_med, "baseline_per_s": units / base_med,
-               "rounds": rounds, **(extra(ours_med) if extra else {})}
+        row = ratio_row(request.node.name, ours_s, base_s, units=units, unit=unit, target=target,
+                        baseline_name=baseline_name, extra=extra)
         benchmark.extra_info.update(row)
-        RESULTS.append(row)
-        if target is not None:
-            assert ratio >= target, (f"{request.node.name}: {ratio:.2f}x the {baseline_name} "
-                                     f"baseline, target {target}x")
-        return ratio
+        return row["ratio"]
 
     return run
+
+
+def rounds_of(config: pytest.Config) -> int:
+    """Timed rounds per benchmark: one with ``--quick``, else ``--rounds``."""
+    return 1 if config.getoption("--quick") else config.getoption("--rounds")
+
+
+def ratio_row(name: str, ours_s: list[float], base_s: list[float], *, units: int, unit: str,
+              target: float | None = None, baseline_name: str = "naive",
+              extra: Callable[[float], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Median times of alternating rounds -> one row of the results table (stored); with
+    ``target`` set, fails when vlrm is less than that many times faster."""
+    ours_med, base_med = statistics.median(ours_s), statistics.median(base_s)
+    ratio = base_med / ours_med
+    row = {"benchmark": name, "baseline": baseline_name,
+           "vlrm_s": ours_med, "baseline_s": base_med, "ratio": ratio, "target": target,
+           "unit": unit, "vlrm_per_s": units / ours_med, "baseline_per_s": units / base_med,
+           "rounds": len(ours_s), **(extra(ours_med) if extra else {})}
+    RESULTS.append(row)
+    if target is not None:
+        assert ratio >= target, f"{name}: {ratio:.2f}x the {baseline_name} baseline, target {target}x"
+    return row
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
-"""Peak memory of two A2C steps, in a fresh process (so the peak is this run's alone).
+"""Peak memory of two training steps, in a fresh process (so the peak is this run's alone).
 
-    python -m benchmarks.memory --preset small --impl vlrm
-    python -m benchmarks.memory --preset small --impl naive
+    python -m benchmarks.memory --preset small --impl vlrm        # A2C
+    python -m benchmarks.memory --preset small --impl naive       # A2C, the naive loop
+    python -m benchmarks.memory --preset small --impl vlrm_grpo --images 16
+    python -m benchmarks.memory --preset small --impl trl_grpo --images 16   # TRL's GRPOTrainer
 
 Prints one JSON line: ``peak_rss_mib`` (the process's peak resident memory, Linux),
 ``models_rss_mib`` (resident memory once the models are built) and, on a GPU,
@@ -17,8 +19,10 @@ import tempfile
 
 import torch
 
-from benchmarks.presets import PRESETS, build_preset
-from benchmarks.steps import naive_step, vlrm_step
+import attrs
+
+from benchmarks.presets import PRESETS, build_preset, photos
+from benchmarks.steps import naive_step, vlrm_grpo_step, vlrm_step
 
 
 def rss_mib() -> float:
@@ -31,18 +35,28 @@ def rss_mib() -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
-    parser.add_argument("--impl", choices=("vlrm", "naive"), default="vlrm")
+    parser.add_argument("--impl", choices=("vlrm", "naive", "vlrm_grpo", "trl_grpo"), default="vlrm")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--images", type=int, default=None, help="N images a step [the preset's]")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     preset = build_preset(args.preset)
+    if args.images:
+        images, ids = photos(args.images)
+        preset = attrs.evolve(preset, images=images, image_ids=ids)
     models = rss_mib()
     with tempfile.TemporaryDirectory() as tmp:
-        step = vlrm_step(preset, tmp) if args.impl == "vlrm" else naive_step(preset)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.steps):
-            step()
+        if args.impl == "trl_grpo":
+            from benchmarks.trl_peer import TrlGrpoPeer
+
+            TrlGrpoPeer(preset, tmp).run(args.steps - 1)  # rounds + the warm-up step
+        else:
+            step = {"vlrm": vlrm_step, "vlrm_grpo": vlrm_grpo_step}.get(args.impl)
+            step = step(preset, tmp) if step else naive_step(preset)
+            for _ in range(args.steps):
+                step()
     out = {"preset": args.preset, "impl": args.impl, "models_rss_mib": round(models, 1),
            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():

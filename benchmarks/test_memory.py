@@ -12,9 +12,10 @@ from benchmarks.presets import paper_parameter_bytes
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _peak(preset: str, impl: str) -> dict[str, float]:
+def _peak(preset: str, impl: str, extra: list[str] | None = None) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--preset", preset,
-                          "--impl", impl], cwd=ROOT, capture_output=True, text=True, check=False)
+                          "--impl", impl, *(extra or [])], cwd=ROOT, capture_output=True,
+                         text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -26,6 +27,19 @@ def test_step_peak_memory(record, preset_name):
                for key, value in fig.items() if key.endswith("_mib")}
     record(**figures)
     assert ours["peak_rss_mib"] > ours["models_rss_mib"] > 0
+
+
+def test_grpo_step_peak_memory_vs_trl(record, preset_name):
+    """Peak RSS of two GRPO steps in a fresh process, vlrm's and TRL's GRPOTrainer's (the
+    peer benchmark's setting: ``benchmarks/test_peer.py``)."""
+    from benchmarks.test_peer import IMAGES
+
+    images = str(IMAGES.get(preset_name, 0) or "")
+    extra = ["--images", images] if images else []
+    ours, trl = _peak(preset_name, "vlrm_grpo", extra), _peak(preset_name, "trl_grpo", extra)
+    record(**{f"{impl}_{key}": value for impl, fig in (("vlrm_grpo", ours), ("trl_grpo", trl))
+              for key, value in fig.items() if key.endswith("_mib")})
+    assert trl["peak_rss_mib"] > trl["models_rss_mib"] > 0 and ours["peak_rss_mib"] > 0
 
 
 def test_paper_frozen_vision_tower_held_once(record):
