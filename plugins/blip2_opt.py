@@ -257,23 +257,34 @@ class Blip2OptPolicy(nn.Module):
         return policy_log_softmax(logits, self.temperature, self.suppressed)
 
     def _forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (B, T, H) and logits (B, T, V) of the states that emit each token."""
+        """Hidden states (B, T, H) and logits (B, T, V) of the states that emit each token.
+
+        As sampling does, each image's prefix (Q projected queries + BOS) runs through the
+        language model once, with gradients, and its keys and values are shared by the
+        image's K captions; only the caption tokens run per caption. The same numbers as
+        one pass over [prefix, caption] per caption, to float rounding (tested).
+        """
         image_embeds = rollout.policy_state
         if image_embeds is None:
             image_embeds = self.encode_images(rollout.images)
-        prefix = self.prefix_embeds(image_embeds)[rollout.group]  # (B, Q+1, H)
-        lm = self.model.language_model
+        prefix = self.prefix_embeds(image_embeds)  # (N, Q+1, H): once per image
+        lm = self.model.language_model.base_model
+        group = rollout.group.to(self.device)
         tokens = rollout.tokens.to(self.device)
-        inputs = torch.cat([prefix, lm.get_input_embeddings()(tokens)], dim=1)
-        attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device),
-                               rollout.mask.to(self.device).long()], dim=1)
+        n, p = prefix.shape[:2]
         with self._autocast():
-            hidden = lm.base_model(inputs_embeds=inputs, attention_mask=attention,
-                                   use_cache=False).last_hidden_state
-        # The state that emits t_k is the position just before it; the BOS emits t_1.
-        start = prefix.shape[1] - 1
-        hidden = hidden[:, start:start + tokens.shape[1]]  # (B, T, H)
-        return hidden, lm.get_output_embeddings()(hidden)
+            out = lm(inputs_embeds=prefix, use_cache=True,
+                     attention_mask=torch.ones((n, p), dtype=torch.long, device=self.device))
+            hidden = [out.last_hidden_state[group, -1:]]  # the BOS emits t_1
+            if tokens.shape[1] > 1:  # t_k (k >= 2) is emitted at t_{k-1}'s position
+                cache = out.cache
+                cache.batch_select_indices(group)
+                attention = torch.cat([torch.ones((len(group), p), dtype=torch.long, device=self.device),
+                                       rollout.mask[:, :-1].to(self.device).long()], dim=1)
+                hidden.append(lm(input_ids=tokens[:, :-1], attention_mask=attention, cache=cache,
+                                 use_cache=True).last_hidden_state)
+        hidden = torch.cat(hidden, dim=1)  # (B, T, H)
+        return hidden, self.model.language_model.get_output_embeddings()(hidden)
 
     def evaluate(self, rollout: Rollout) -> PolicyOutput:
         hidden, logits = self._forward(rollout)

@@ -304,14 +304,21 @@ def test_minibatches_must_divide_each_process_images(tiny_policy_factory, tiny_c
 
 def test_a2c_metrics_rows_are_those_of_the_trainer_before_objectives(tmp_path):
     """configs/tiny.yaml, 5 steps, whitened advantages and an entropy bonus: every metric of
-    every row as the pre-refactor trainer wrote it (tests/a2c_reference.py)."""
+    every row as the pre-refactor trainer wrote it (tests/a2c_reference.py).
+
+    Since BLIP-2's scoring pass runs each image's prefix once for its K captions (issue 17),
+    the losses, values and gradient norms agree to float32 rounding, not bit for bit: the
+    policy loss and the mean advantage are sums of near-cancelling terms, which moved by up
+    to 1e-7 absolute (measured 9.9e-8). Rewards and captions are unchanged.
+    """
     rows = a2c_rows(tmp_path / "run")
     reference = [json.loads(line) for line in REFERENCE.read_text().splitlines()]
     assert len(rows) == len(reference) == 5
     for got, want in zip(rows, reference):
         assert set(got) == set(want), set(got) ^ set(want)
         for key, value in want.items():
-            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (got["step"], key)
+            rounding = 1e-9 if key.startswith(("reward", "caption")) else 3e-7
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=rounding), (got["step"], key)
 
 
 def test_estimator_configs_differ_from_their_base_only_where_they_say():

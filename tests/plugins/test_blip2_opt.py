@@ -53,6 +53,47 @@ def test_evaluate_reproduces_sampling_logprobs(policy, rollout):
     assert torch.allclose(fresh.logprobs, out.logprobs, atol=1e-5)
 
 
+def _one_pass_per_caption(policy, rollout):
+    """Scoring as it was before the prefix was shared: [prefix, caption] per caption."""
+    prefix = policy.prefix_embeds(rollout.policy_state)[rollout.group]
+    lm = policy.model.language_model
+    inputs = torch.cat([prefix, lm.get_input_embeddings()(rollout.tokens)], dim=1)
+    attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), rollout.mask.long()], 1)
+    hidden = lm.base_model(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
+    hidden = hidden[:, prefix.shape[1] - 1:prefix.shape[1] - 1 + rollout.tokens.shape[1]]
+    return hidden, lm.get_output_embeddings()(hidden)
+
+
+def test_scoring_with_the_prefix_shared_equals_one_pass_per_caption(tiny_policy_factory, photos):
+    import attrs
+
+    policy = tiny_policy_factory(seed=3, max_new_tokens=8).double()
+    torch.manual_seed(0)
+    ids, images = zip(*photos[:3])
+    rollout = policy.sample(images, ids, num_samples=3)
+    tokens = rollout.tokens.clone()  # captions of 1, 3 and 8 tokens, and padding after them
+    tokens[0, 0], tokens[0, 1:] = policy.eos_token_id, policy.pad_token_id
+    tokens[4, 2], tokens[4, 3:] = policy.eos_token_id, policy.pad_token_id
+    rollout = attrs.evolve(rollout, tokens=tokens, mask=policy.generated_mask(tokens))
+    mask = rollout.mask
+
+    def scored(forward):
+        policy.model.zero_grad()
+        hidden, logits = forward(rollout)
+        (logits.logsumexp(-1)[mask].sum() + hidden[mask].pow(2).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        return hidden.detach(), logits.detach(), grads
+
+    shared, full = scored(policy._forward), scored(lambda r: _one_pass_per_caption(policy, r))
+    assert mask.sum(1).tolist()[:5] == [1, 8, 8, 8, 3]
+    assert torch.allclose(shared[0][mask], full[0][mask], atol=1e-12)
+    assert torch.allclose(shared[1][mask], full[1][mask], atol=1e-12)
+    assert shared[2].keys() == full[2].keys() and len(full[2]) > 10
+    for name, grad in full[2].items():
+        assert torch.allclose(shared[2][name], grad, rtol=1e-9, atol=1e-12), name
+    policy.model.zero_grad()
+
+
 def test_only_the_paper_parts_train(policy, rollout):
     names = {n.split(".")[0] for n, p in policy.model.named_parameters() if p.requires_grad}
     assert names == set(PAPER_TRAINABLE)
