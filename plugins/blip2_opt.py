@@ -262,12 +262,16 @@ class Blip2OptPolicy(nn.Module):
         As sampling does, each image's prefix (Q projected queries + BOS) runs through the
         language model once, with gradients, and its keys and values are shared by the
         image's K captions; only the caption tokens run per caption. The same numbers as
-        one pass over [prefix, caption] per caption, to float rounding (tested).
+        one pass over [prefix, caption] per caption, to float rounding (tested). With
+        gradient checkpointing that one pass is what runs: a recomputed layer would append
+        to the shared cache a second time.
         """
         image_embeds = rollout.policy_state
         if image_embeds is None:
             image_embeds = self.encode_images(rollout.images)
         prefix = self.prefix_embeds(image_embeds)  # (N, Q+1, H): once per image
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._forward_per_caption(prefix, rollout)
         lm = self.model.language_model.base_model
         group = rollout.group.to(self.device)
         tokens = rollout.tokens.to(self.device)
@@ -285,6 +289,23 @@ class Blip2OptPolicy(nn.Module):
                                  use_cache=True).last_hidden_state)
         hidden = torch.cat(hidden, dim=1)  # (B, T, H)
         return hidden, self.model.language_model.get_output_embeddings()(hidden)
+
+    def _forward_per_caption(self, prefix: torch.Tensor, rollout: Rollout
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_forward`` as one pass over [prefix, caption] per caption (no cache)."""
+        lm = self.model.language_model
+        prefix = prefix[rollout.group.to(self.device)]  # (B, Q+1, H)
+        tokens = rollout.tokens.to(self.device)
+        inputs = torch.cat([prefix, lm.get_input_embeddings()(tokens)], dim=1)
+        attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device),
+                               rollout.mask.to(self.device).long()], dim=1)
+        with self._autocast():
+            hidden = lm.base_model(inputs_embeds=inputs, attention_mask=attention,
+                                   use_cache=False).last_hidden_state
+        # The state that emits t_k is the position just before it; the BOS emits t_1.
+        start = prefix.shape[1] - 1
+        hidden = hidden[:, start:start + tokens.shape[1]]  # (B, T, H)
+        return hidden, lm.get_output_embeddings()(hidden)
 
     def evaluate(self, rollout: Rollout) -> PolicyOutput:
         hidden, logits = self._forward(rollout)

@@ -208,7 +208,9 @@ class Estimator:
             policy_term = -(targets.advantages.detach() * out.logprobs)
         pg = self.aggregate(policy_term, mask)
         ent = self.aggregate(out.entropy, mask)
-        loss = pg - self.ent_coef * ent
+        # ent_coef 0: no entropy term at all (its backward through the (B, T, V) entropy
+        # would only add zeros)
+        loss = pg - self.ent_coef * ent if self.ent_coef else pg
         return loss, {"loss/policy": pg.detach(), "loss/entropy": ent.detach(),
                       "loss/total": loss.detach(),
                       "advantage/mean": self.token_mean(targets.advantages, mask)}
@@ -334,7 +336,9 @@ class A2C(Estimator):
         pg = rl.masked_mean(policy_term, mask, num_tokens)
         vf = rl.masked_mean((values - returns.detach()) ** 2, mask, num_tokens)
         ent = rl.masked_mean(out.entropy, mask, num_tokens)
-        loss = pg + self.vf_coef * vf - self.ent_coef * ent
+        loss = pg + self.vf_coef * vf
+        if self.ent_coef:  # see rl.a2c_loss
+            loss = loss - self.ent_coef * ent
         return loss, {"loss/policy": pg.detach(), "loss/value": vf.detach(),
                       "loss/entropy": ent.detach(), "loss/total": loss.detach(),
                       "value/mean": rl.masked_mean(values.detach(), mask, num_tokens),

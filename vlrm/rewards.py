@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.profiler import record_function
 from attrs import frozen
 
 from vlrm.errors import ConfigError, is_finite_real
@@ -202,7 +203,8 @@ class CompositeReward:
         total = torch.zeros(rollout.mask.shape, dtype=torch.float32, device=rollout.mask.device)
         metrics: dict[str, float] = {}
         for name, term in self.terms.items():
-            output = term.reward(rollout)
+            with record_function(f"vlrm.reward.{name}"):
+                output = term.reward(rollout)
             per_token = to_token_rewards(output, rollout.mask, name)
             metrics[name] = per_token.sum(dim=1).mean().item()
             metrics.update({f"{name}/{key}": value for key, value in output.metrics.items()})

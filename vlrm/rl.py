@@ -182,7 +182,9 @@ def a2c_loss(
     pg_loss = -masked_mean(advantages.detach() * logprobs, mask, num_tokens)
     vf_loss = masked_mean((values - returns.detach()) ** 2, mask, num_tokens)
     ent = masked_mean(entropy, mask, num_tokens)
-    loss = pg_loss + vf_coef * vf_loss - ent_coef * ent
+    loss = pg_loss + vf_coef * vf_loss
+    if ent_coef:  # with 0 the backward would still run through the (B, T, V) entropy for zeros
+        loss = loss - ent_coef * ent
     stats = {
         "loss/policy": pg_loss.detach(),
         "loss/value": vf_loss.detach(),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -60,9 +61,12 @@ def policy_log_softmax(logits: torch.Tensor, temperature: float = 1.0,
         Shape: (..., V), float32 (float64 for float64 logits); suppressed tokens get the
         smallest finite log-prob.
     """
-    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    if suppressed:
-        scaled[..., list(suppressed)] = torch.finfo(scaled.dtype).min
+    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    if suppressed:  # out of place: ``scaled`` may be ``logits`` itself
+        index = torch.as_tensor(list(suppressed), device=scaled.device)
+        scaled = scaled.index_fill(-1, index, torch.finfo(scaled.dtype).min)
     return torch.log_softmax(scaled, dim=-1)
 
 
@@ -205,8 +209,10 @@ def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_ne
     """
     n, p = prefix.shape[:2]
     device = prefix.device
-    out = lm(inputs_embeds=prefix, attention_mask=torch.ones((n, p), dtype=torch.long, device=device),
-             use_cache=True, logits_to_keep=1)
+    with record_function("vlrm.prefill"):
+        out = lm(inputs_embeds=prefix, attention_mask=torch.ones((n, p), dtype=torch.long,
+                                                                 device=device),
+                 use_cache=True, logits_to_keep=1)
     cache = out.cache
     cache.batch_repeat_interleave(num_samples)
     b = n * num_samples
@@ -220,5 +226,6 @@ def decode_shared_prefix(lm: Any, prefix: torch.Tensor, num_samples: int, max_ne
         return out.logits[:, -1]
 
     first = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # (B, V)
-    return decode(first, step, num_samples, max_new_tokens, eos_token_id, pad_token_id,
-                  temperature, top_k, top_p, suppressed, generators, greedy)
+    with record_function("vlrm.decode"):
+        return decode(first, step, num_samples, max_new_tokens, eos_token_id, pad_token_id,
+                      temperature, top_k, top_p, suppressed, generators, greedy)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from attrs import frozen
 from torch import nn
+from torch.profiler import record_function
 
 from vlrm import rl, run_state
 from vlrm.data import ImageFolder
@@ -271,10 +272,13 @@ class Trainer:
         """
         share = self.world.shard(batch)
         with self._gathered():
-            rollout = self._sample([b[1] for b in share], [b[0] for b in share])
-            rewards = self.reward(rollout)
-            step = self._step_batch(rollout, rewards)
-            targets = self.objective.prepare(step)
+            with record_function("vlrm.sample"):
+                rollout = self._sample([b[1] for b in share], [b[0] for b in share])
+            with record_function("vlrm.reward"):
+                rewards = self.reward(rollout)
+            with record_function("vlrm.prepare"):
+                step = self._step_batch(rollout, rewards)
+                targets = self.objective.prepare(step)
         stats, norms, skipped = self._update(rollout, targets)
         return self._metrics(rollout, rewards, step, targets, stats, norms, skipped)
 
@@ -319,17 +323,20 @@ class Trainer:
         for _ in range(obj.epochs):
             for images in parts:
                 part, rows = (rollout, None) if images is None else select_images(rollout, images)
-                logprobs, entropy, hidden, values = self.model(part)
-                out = PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
-                loss, stats = obj.loss(targets.select(rows), out, values)
+                with record_function("vlrm.score"):  # the policy's forward with gradients
+                    logprobs, entropy, hidden, values = self.model(part)
+                    out = PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
+                    loss, stats = obj.loss(targets.select(rows), out, values)
                 self.optimizer.zero_grad(set_to_none=True)
                 # Each rank's loss is its share of the batch's; DDP averages gradients over
                 # the ranks, so scaling by their number makes the update the whole batch's.
-                (loss * world.size).backward()
-                norms = self._clip_gradients()
+                with record_function("vlrm.backward"):
+                    (loss * world.size).backward()
+                    norms = self._clip_gradients()
                 total_loss = world.all_reduce(loss.detach())
                 if bool(torch.isfinite(total_loss)) and all(map(_finite, norms.values())):
-                    self.optimizer.step()
+                    with record_function("vlrm.optimizer"):
+                        self.optimizer.step()
                     self.nonfinite_in_a_row = 0
                 else:
                     self.optimizer.zero_grad(set_to_none=True)

@@ -53,17 +53,6 @@ def test_evaluate_reproduces_sampling_logprobs(policy, rollout):
     assert torch.allclose(fresh.logprobs, out.logprobs, atol=1e-5)
 
 
-def _one_pass_per_caption(policy, rollout):
-    """Scoring as it was before the prefix was shared: [prefix, caption] per caption."""
-    prefix = policy.prefix_embeds(rollout.policy_state)[rollout.group]
-    lm = policy.model.language_model
-    inputs = torch.cat([prefix, lm.get_input_embeddings()(rollout.tokens)], dim=1)
-    attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), rollout.mask.long()], 1)
-    hidden = lm.base_model(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
-    hidden = hidden[:, prefix.shape[1] - 1:prefix.shape[1] - 1 + rollout.tokens.shape[1]]
-    return hidden, lm.get_output_embeddings()(hidden)
-
-
 def test_scoring_with_the_prefix_shared_equals_one_pass_per_caption(tiny_policy_factory, photos):
     import attrs
 
@@ -84,7 +73,8 @@ def test_scoring_with_the_prefix_shared_equals_one_pass_per_caption(tiny_policy_
         grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
         return hidden.detach(), logits.detach(), grads
 
-    shared, full = scored(policy._forward), scored(lambda r: _one_pass_per_caption(policy, r))
+    shared = scored(policy._forward)
+    full = scored(lambda r: policy._forward_per_caption(policy.prefix_embeds(r.policy_state), r))
     assert mask.sum(1).tolist()[:5] == [1, 8, 8, 8, 3]
     assert torch.allclose(shared[0][mask], full[0][mask], atol=1e-12)
     assert torch.allclose(shared[1][mask], full[1][mask], atol=1e-12)
