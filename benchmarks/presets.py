@@ -84,6 +84,46 @@ def build_preset(name: str, seed: int = 0) -> Preset:
                   tiny_blip2_itm_reward(seed=seed + 2, **size["itm"]), images, ids)
 
 
+# The long-prompt captioner (LLaVA layout, 128 px images in 8 px patches: 256 image tokens
+# plus the chat template's, as LLaVA-family prompts run to hundreds of tokens): tower widths.
+LONG_PROMPT: dict[str, dict[str, int]] = {
+    "tiny": dict(vision=32, text=32, layers=2),
+    "small": dict(vision=256, text=512, layers=4),
+}
+
+
+def long_prompt_captioner(name: str, max_new_tokens: int = 20, shared_prefill: bool = True,
+                          seed: int = 0) -> Any:
+    """An ``HFCaptionerPolicy`` on a random-weight ``LlavaForConditionalGeneration`` whose
+    prompt is 256 image tokens + the template's; the processor and tokenizer are
+    ``vlrm_plugins.hf_tiny``'s LLaVA ones (real classes), the towers sized by ``LONG_PROMPT``.
+    ``shared_prefill=False`` samples with one ``generate(num_return_sequences=K)``."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from vlrm_plugins.hf_captioner import HFCaptionerPolicy
+    from vlrm_plugins.hf_tiny import build_tiny_captioner
+
+    size = LONG_PROMPT["small" if name == "paper" else name]
+    tiny, processor, spec = build_tiny_captioner("llava", seed=seed, image_size=128)
+    base = tiny.config
+    vision = dict(base.vision_config.to_dict(), hidden_size=size["vision"],
+                  intermediate_size=4 * size["vision"], num_hidden_layers=size["layers"],
+                  num_attention_heads=max(2, size["vision"] // 64), projection_dim=size["vision"])
+    text = dict(base.text_config.to_dict(), hidden_size=size["text"],
+                intermediate_size=4 * size["text"], num_hidden_layers=size["layers"],
+                num_attention_heads=max(4, size["text"] // 64),
+                num_key_value_heads=max(2, size["text"] // 128), max_position_embeddings=1024)
+    torch.manual_seed(seed)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=base.image_token_index,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1,
+                         projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = tiny.generation_config.suppress_tokens
+    return HFCaptionerPolicy(model, processor, trainable=list(spec.trainable), prompt=spec.prompt,
+                             max_new_tokens=max_new_tokens, shared_prefill=shared_prefill)
+
+
 def paper_configs(vocab_size: int = 50272, itm_vocab_size: int = 30523) -> dict[str, Any]:
     """transformers configs of BLIP-2 OPT-2.7B and BLIP-2 ITM ViT-g, from the released
     models' published sizes (ViT-g: 1408 wide, 39 layers, 224 px / 14 px patches;
