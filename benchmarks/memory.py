@@ -19,9 +19,8 @@ import tempfile
 
 import torch
 
-import attrs
 
-from benchmarks.presets import PRESETS, build_preset, photos
+from benchmarks.presets import PRESETS, build_preset, with_images
 from benchmarks.steps import naive_step, vlrm_grpo_step, vlrm_step
 
 
@@ -40,10 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--images", type=int, default=None, help="N images a step [the preset's]")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    preset = build_preset(args.preset)
-    if args.images:
-        images, ids = photos(args.images)
-        preset = attrs.evolve(preset, images=images, image_ids=ids)
+    preset = with_images(build_preset(args.preset), args.images)
     models = rss_mib()
     with tempfile.TemporaryDirectory() as tmp:
         if torch.cuda.is_available():

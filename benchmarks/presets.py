@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import torch
 from attrs import frozen
 
@@ -65,6 +66,14 @@ def photos(n: int) -> tuple[list[Any], list[str]]:
     folder = bundled_photos()
     paths = [folder.paths[i % len(folder.paths)] for i in range(n)]
     return [folder.load(p) for p in paths], [f"{p}#{i}" for i, p in enumerate(paths)]
+
+
+def with_images(preset: Preset, n: int | None) -> Preset:
+    """The preset with ``n`` images a step instead of its own (None or 0: unchanged)."""
+    if not n:
+        return preset
+    images, ids = photos(n)
+    return attrs.evolve(preset, images=images, image_ids=ids)
 
 
 def build_preset(name: str, seed: int = 0) -> Preset:

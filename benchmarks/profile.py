@@ -20,11 +20,10 @@ import tempfile
 import time
 from typing import Any
 
-import attrs
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.presets import PRESETS, build_preset, photos
+from benchmarks.presets import PRESETS, build_preset, with_images
 from benchmarks.steps import vlrm_grpo_step, vlrm_step
 
 #: Phases in the order a step runs them; nested ones are indented in the table.
@@ -92,10 +91,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--md", default=None, help="also write the table here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    preset = build_preset(args.preset)
-    if args.images:
-        images, ids = photos(args.images)
-        preset = attrs.evolve(preset, images=images, image_ids=ids)
+    preset = with_images(build_preset(args.preset), args.images)
     with tempfile.TemporaryDirectory() as tmp:
         step = (vlrm_grpo_step if args.objective == "grpo" else vlrm_step)(preset, tmp)
         step()  # warm-up

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import tempfile
 
-import attrs
-
 from benchmarks.conftest import ratio_row, rounds_of
-from benchmarks.presets import photos
+from benchmarks.presets import with_images
 from benchmarks.steps import vlrm_grpo_step
 from benchmarks.trl_peer import WORKAROUNDS, TrlGrpoPeer, trl_available
 
@@ -19,9 +17,8 @@ TARGETS = {"small": 2.0}  # vs TRL's GRPO step, CPU (issue 17)
 def test_grpo_step_vs_trl(preset, request):
     version = trl_available()
     assert version, "TRL is not installed: pip install -e '.[bench]' (make setup installs it)"
-    n = IMAGES.get(preset.name, len(preset.images))
-    images, ids = photos(n)
-    preset = attrs.evolve(preset, images=images, image_ids=ids)
+    preset = with_images(preset, IMAGES.get(preset.name))
+    n = len(preset.images)
     with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as trl_dir:
         peer = TrlGrpoPeer(preset, trl_dir)
         ours = vlrm_grpo_step(preset, ours_dir)
