@@ -19,7 +19,6 @@ import tempfile
 
 import torch
 
-
 from benchmarks.presets import PRESETS, build_preset, with_images
 from benchmarks.steps import naive_step, vlrm_grpo_step, vlrm_step
 
