@@ -67,15 +67,13 @@ def markdown(title: str, walls: list[float], phases: list[dict[str, float]], pro
         order.append(row)
         if row == "vlrm.reward":
             order += [r for r in rows if r.startswith("  vlrm.reward.")]
-    inside = 0.0
     for row in order:
         name = row.strip()
         seconds = statistics.median(p.get(name, 0.0) for p in phases)
-        if name in TOP_LEVEL:
-            inside += seconds
         label = ("&nbsp;&nbsp;" if row.startswith(" ") else "") + f"`{name}`"
         lines.append(f"| {label} | {seconds:.3f} | {seconds / wall:.0%} |")
-    lines.append(f"| rest of the step | {wall - inside:.3f} | {(wall - inside) / wall:.0%} |")
+    rest = statistics.median(w - sum(p.get(n, 0.0) for n in TOP_LEVEL) for w, p in zip(walls, phases))
+    lines.append(f"| rest of the step (median of each step's own) | {rest:.3f} | {rest / wall:.0%} |")
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top,
                                       max_name_column_width=48)
     lines += ["", "Heaviest operators (self CPU time, last step):", "", "```", table.strip(), "```", ""]
