@@ -33,7 +33,7 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest tests
 	$(PY) -m pytest benchmarks --quick
 
-# Throughput against the naive baselines (tiny and small presets; paper too on a GPU), ~13 min on 2 CPUs.
+# Throughput against TRL and the naive baselines (tiny and small presets; paper too on a GPU); ~25 min on 2 CPUs (sum of its timed parts).
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/latest.json --results-md benchmarks/results/latest.md
 
