@@ -114,6 +114,7 @@ class TrlGrpoPeer:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
 
+        from vlrm.cache import EmbeddingCache
         from vlrm_plugins.text_penalties import BadPhrasePenalty, RepetitionPenalty
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -128,12 +129,9 @@ class TrlGrpoPeer:
                        **_: Any) -> list[float]:
             captions = [c[0]["content"] for c in completions]
             unique = list(dict.fromkeys(image_id))
-            with torch.no_grad():  # the same features as vlrm's step: computed afresh
-                pixels = itm.processor.image_processor(
-                    images=[image[image_id.index(i)] for i in unique], return_tensors="pt")
-                vision = itm.model.vision_model
-                feats = vision(pixel_values=pixels["pixel_values"].to(
-                    itm.device, next(vision.parameters()).dtype)).last_hidden_state
+            itm._cache = EmbeddingCache(itm._cache.size)  # computed afresh, as in vlrm's step
+            with torch.no_grad():
+                feats = itm.image_embeds([image[image_id.index(i)] for i in unique], unique)
                 index = torch.tensor([unique.index(i) for i in image_id], device=feats.device)
                 score = itm.itm_logits(feats[index], captions)[:, 1] * itm.scale
             return score.float().tolist()

@@ -64,9 +64,10 @@ def policy_log_softmax(logits: torch.Tensor, temperature: float = 1.0,
     scaled = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         scaled = scaled / temperature
-    if suppressed:  # out of place: ``scaled`` may be ``logits`` itself
-        index = torch.as_tensor(list(suppressed), device=scaled.device)
-        scaled = scaled.index_fill(-1, index, torch.finfo(scaled.dtype).min)
+    if suppressed:
+        if scaled is logits:  # never write into the caller's tensor; otherwise one copy only
+            scaled = scaled.clone()
+        scaled[..., list(suppressed)] = torch.finfo(scaled.dtype).min
     return torch.log_softmax(scaled, dim=-1)
 
 
