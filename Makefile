@@ -29,8 +29,10 @@ system-deps:
 			--no-install-recommends chromium default-jre-headless; \
 	else echo "note: install chromium and a Java runtime (apt-get install chromium default-jre-headless) for the report and COCO-metrics tests"; fi
 
+# Two pytest-xdist workers, one thread each (tests/conftest.py), whole files per worker.
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 	$(PY) -m pytest benchmarks --quick
 
 # Throughput against TRL and the naive baselines (tiny and small presets; paper too on a GPU); ~25 min on 2 CPUs (sum of its timed parts).
