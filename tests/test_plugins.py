@@ -159,11 +159,17 @@ def test_vlrm_plugins_json_lists_builtins_and_the_example():
     assert set(rows["blip2_opt"]["components"]["policies"]) == BUILTIN["policies"]
     assert rows["example_reward"]["distribution"] == "vlrm-example-reward"
     assert rows["example_reward"]["components"] == {"rewards": ["caption_length"]}
-    off = json.loads(_plugins_cli("--json", VLRM_DISABLE_PLUGIN_AUTOLOAD="1").stdout)
-    assert "example_reward" not in {row["name"] for row in off}
+    assert rows["example_reward"]["init_args"]["rewards"]["caption_length"] == {
+        "target_words": "int = 10"}
+    off = {row["name"]: row for row in json.loads(
+        _plugins_cli("--json", VLRM_DISABLE_PLUGIN_AUTOLOAD="1").stdout)}
+    assert off["example_reward"]["components"] == {}  # listed as left out, nothing registered
+    assert "VLRM_DISABLE_PLUGIN_AUTOLOAD" in off["example_reward"]["blocked"]
 
 
 def test_vlrm_plugins_table():
     out = _plugins_cli()
     assert out.returncode == 0
-    assert "clip  (vlrm 0.1.0)" in out.stdout and "rewards: clip, tiny_clip" in out.stdout
+    assert "clip  (vlrm 0.1.0)" in out.stdout
+    assert ("rewards: clip (vlrm_plugins.clip_reward.clip_reward), "
+            "tiny_clip (vlrm_plugins.clip_reward.tiny_clip_reward)") in out.stdout

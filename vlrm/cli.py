@@ -60,6 +60,31 @@ def _moved_keys(message: str) -> str:
             "(A2C's value-head settings), see configs/vlrm.yaml.")
 
 
+def _name_reasons(message: str) -> str:
+    """Why a class_path did not resolve: an unknown name, or a blocked plugin's path."""
+    import re
+
+    from vlrm.plugins import PluginError, get_registry
+
+    try:
+        registry = get_registry()
+    except PluginError:
+        return ""
+    found = re.search(r"Expected a dot import path string: (\w+)", message)
+    if found:
+        from vlrm.names import unknown_name_hint
+
+        return unknown_name_hint(found.group(1))
+    found = re.search(r"Importing '([\w.]+)' is not allowed, denied by the '([\w.]+)' entry", message)
+    if found:
+        owners = [p for p in registry.blocked if p.module == found.group(2)
+                  or p.module.startswith(found.group(2) + ".")]
+        why = "; ".join(f"plugin {p.name!r} ({p.distribution}) is left out by {p.blocked}"
+                        for p in owners) or f"{found.group(2)} is on the import-path denylist"
+        return f" {found.group(1)} belongs to a blocked plugin: {why}."
+    return ""
+
+
 def _config_files(argv: list[str]) -> list[str]:
     """The files given with --config, to name them in error messages."""
     files = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
@@ -84,12 +109,16 @@ def new_parser(prog: str, description: str) -> Any:
 
         def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
             where = f" (config file: {', '.join(files)})" if files else ""
-            reasons = _protocol_reasons(str(message)) + _moved_keys(str(message))
+            reasons = (_protocol_reasons(str(message)) + _moved_keys(str(message))
+                       + _name_reasons(str(message)))
             sys.stderr.write(f"{prog}: error: {_short_error(message)}{where}{reasons}\n"
                              f"Run `{prog} --help` for the options, or "
                              f"`{prog} --config FILE --print_config` to see a resolved config.\n")
             raise SystemExit(EXIT_CONFIG)
 
+    from vlrm.names import install
+
+    install()  # registered names resolve; blocked plugins' paths are refused
     return Parser(prog=prog, description=description)
 
 
@@ -97,12 +126,11 @@ def build_parser() -> Any:
     """The ``vlrm-run`` parser: policy, reward terms, data, trainer settings, output folder."""
     from jsonargparse import ActionConfigFile
 
-    from vlrm.data import ImageFolder
     from vlrm.evaluation import PeriodicEval
     from jsonargparse import lazy_instance
 
     from vlrm.objective import A2C
-    from vlrm.protocols import Objective, Policy
+    from vlrm.protocols import ImageSource, Objective, Policy
     from vlrm.rewards import CompositeReward
     from vlrm.trainer import TrainerConfig
 
@@ -112,8 +140,9 @@ def build_parser() -> Any:
         "on the command line with dotted names, e.g. --trainer.max_steps 3."))
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
     # Data first: a wrong folder is reported before any model is loaded.
-    parser.add_argument("--data", type=ImageFolder, required=True,
-                        help="Unlabelled training images: class_path and init_args.")
+    parser.add_argument("--data", type=ImageSource, required=True,
+                        help="Unlabelled training images: class_path and init_args (an image "
+                             "folder, a Hugging Face dataset, WebDataset shards, ...).")
     parser.add_argument("--policy", type=Policy, required=True,
                         help="Captioning policy: class_path (a class or builder) and init_args.")
     parser.add_class_arguments(CompositeReward, "reward", help="Weighted reward terms by name.")
@@ -141,15 +170,16 @@ def run(argv: list[str] | None = None) -> int:
     Under ``torchrun`` every process runs this; each trains on its share of every step and
     rank 0 alone writes the outputs.
     """
-    from vlrm.plugins import PluginError, get_registry
+    from vlrm.plugins import PluginError, get_registry, take_plugin_flags
 
     try:
+        argv = take_plugin_flags(sys.argv[1:] if argv is None else list(argv))
         get_registry()  # report broken or clashing plugins before anything is built
     except PluginError as exc:
         sys.stderr.write(f"vlrm-run: error: {exc}\n")
         return EXIT_CONFIG
     parser = build_parser()
-    files = _config_files(sys.argv[1:] if argv is None else argv)
+    files = _config_files(argv)
     parser.config_files = files
     cfg = parser.parse_args(argv)
     output_dir = Path(cfg.output_dir)
@@ -258,29 +288,64 @@ def run_main() -> None:
 
 
 def plugins(argv: list[str] | None = None) -> int:
-    """List loaded plugins with their distribution, version and components."""
-    from vlrm.plugins import PluginError, get_registry
+    """List the loaded plugins, the components they register (the name a config can use
+    as class_path, its dotted path) and the plugins left out; with component names, each
+    one's init arguments."""
+    from vlrm.plugins import KINDS, PluginError, get_registry, init_arguments, take_plugin_flags
 
     parser = argparse.ArgumentParser(prog="vlrm-plugins", description=plugins.__doc__)
+    parser.add_argument("names", nargs="*", help="Components to show with their init arguments.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
-    args = parser.parse_args(argv)
+    parser.add_argument("--plugins", help="Load only these plugins (comma-separated; VLRM_PLUGINS).")
+    parser.add_argument("--block-plugins", help="Load all but these (VLRM_BLOCK_PLUGINS).")
     with warnings.catch_warnings(record=True):  # failures are shown in the listing itself
         warnings.simplefilter("always")
         try:
+            args = parser.parse_args(take_plugin_flags(sys.argv[1:] if argv is None else list(argv)))
             registry = get_registry()
         except PluginError as exc:
             sys.stderr.write(f"vlrm-plugins: error: {exc}\n")
             return EXIT_CONFIG
+    if args.names:
+        shown = []
+        for name in args.names:
+            try:
+                found = [registry.get(kind, name) for kind in KINDS if name in registry.components[kind]]
+            except KeyError:
+                found = []
+            if not found:
+                from vlrm.names import unknown_name_hint
+
+                sys.stderr.write(f"vlrm-plugins: error:{unknown_name_hint(name)}\n")
+                return EXIT_CONFIG
+            shown += [{"kind": c.kind, "name": c.name, "class_path": c.path, "plugin": c.plugin,
+                       "distribution": c.distribution, "init_args": init_arguments(c.factory)}
+                      for c in found]
+        if args.json:
+            print(json.dumps(shown, indent=2))
+            return 0
+        for c in shown:
+            print(f"{c['name']}  ({c['kind'][:-1]}, plugin {c['plugin']}, {c['distribution']})")
+            print(f"    class_path: {c['name']}    # or {c['class_path']}")
+            print("    init_args:" + ("" if c["init_args"] else " none"))
+            for arg, note in c["init_args"].items():
+                print(f"      {arg}: {note}")
+        return 0
     rows = registry.to_json()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
         print(f"{row['name']}  ({row['distribution']} {row['version']})  {row['target']}")
+        if "blocked" in row:
+            print(f"    BLOCKED by {row['blocked']}")
         if "error" in row:
             print(f"    FAILED TO LOAD: {row['error']}")
         for kind, names in row["components"].items():
-            print(f"    {kind}: {', '.join(names)}")
+            paths = row["paths"][kind]
+            print(f"    {kind}: " + ", ".join(f"{n} ({paths[n]})" for n in names))
+    print("\nUse a name as `class_path: NAME` in a config, or the dotted path in brackets; "
+          "`vlrm-plugins NAME` shows its init arguments.")
     return 0
 
 

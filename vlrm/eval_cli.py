@@ -122,15 +122,16 @@ def evaluate(init: Any, output_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build, evaluate. Returns the process exit status."""
-    from vlrm.plugins import PluginError, get_registry
+    from vlrm.plugins import PluginError, get_registry, take_plugin_flags
 
     try:
+        argv = take_plugin_flags(sys.argv[1:] if argv is None else list(argv))
         get_registry()
     except PluginError as exc:
         sys.stderr.write(f"vlrm-eval: error: {exc}\n")
         return EXIT_CONFIG
     parser = build_parser()
-    parser.config_files = _config_files(sys.argv[1:] if argv is None else argv)
+    parser.config_files = _config_files(argv)
     cfg = parser.parse_args(argv)
     output_dir = Path(cfg.output_dir)
     try:

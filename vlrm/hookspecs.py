@@ -9,7 +9,8 @@ distribution, for example in its ``pyproject.toml``::
 and implementing any of the hooks below with ``@vlrm.hookimpl``. vlrm's own policies and
 rewards are registered exactly this way. Each registration hook returns a mapping from a
 component name to the class or builder function that makes the component; configs refer to
-it by its dotted path (``class_path: my_package.rewards.MyReward``). Component names are
+it by its registered name (``class_path: my_reward``) or its dotted path
+(``class_path: my_package.rewards.MyReward``); see ``vlrm.names``. Component names are
 unique per kind across all installed plugins: a clash is an error naming both plugins.
 """
 
@@ -70,4 +71,16 @@ def vlrm_register_objectives() -> dict[str, Callable[..., Any]]:
     Returns:
         ``{name: factory}``; the factory's result satisfies ``vlrm.protocols.Objective``
         (``vlrm.objective.Estimator`` is a base class to start from).
+    """
+
+
+@hookspec
+def vlrm_register_commands() -> dict[str, Callable[..., Any]]:
+    """Register subcommands of the ``vlrm`` command (``vlrm NAME args...``).
+
+    Returns:
+        ``{name: main}``; ``main(argv: list[str]) -> int`` parses the arguments after the
+        name and returns the exit status (2 for a bad config or bad arguments, with one
+        paragraph on stderr). Its docstring's first line is the command's help line.
+        Import heavy modules inside ``main``: the hook runs for every vlrm command.
     """
