@@ -415,3 +415,15 @@ def vlrm_register_rewards() -> dict[str, Any]:
 @hookimpl
 def vlrm_register_evaluators() -> dict[str, Any]:
     return {"shapes_clip_recall": shapes_clip_recall, "shapes_caption_stats": ShapesCaptionStats}
+
+
+def shapes_command(argv: list[str]) -> int:
+    """The shapes world: build, demo, sweep, continue, itm, llava (vlrm-shapes)."""
+    from vlrm_plugins.shapes_demo import main
+
+    return main(argv)
+
+
+@hookimpl
+def vlrm_register_commands() -> dict[str, Any]:
+    return {"shapes": shapes_command}
