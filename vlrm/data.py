@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -125,29 +127,55 @@ class ImageFolder:
             start: Skip this many batches first, without decoding them (a resumed run: the
                 files in ``skipped`` are passed over as the first run passed them over).
         """
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-        generator = torch.Generator().manual_seed(seed)
-        to_skip = start * batch_size  # good images the first ``start`` batches held
-        batch: list[tuple[str, Image.Image]] = []
-        while True:
+        generator = torch.Generator().manual_seed(seed)  # one stream over the epochs
+
+        def epoch(_: int) -> Iterator[tuple[str, Path]]:
             order = torch.randperm(len(self.paths), generator=generator).tolist()
-            good_this_epoch = 0
-            for path in [self.paths[i] for i in order]:
-                if path in self.skipped:
-                    continue
-                if to_skip:
-                    to_skip -= 1
-                    good_this_epoch += 1
-                    continue
-                image = self.load(path)
-                if image is None:
-                    continue
-                good_this_epoch += 1
-                batch.append((str(path), image))
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
-            if good_this_epoch == 0:
-                raise ConfigError(f"no readable image in {str(self.root)!r} "
-                                  f"({len(self.skipped)} unreadable files skipped)")
+            return ((str(p), p) for p in (self.paths[i] for i in order) if p not in self.skipped)
+
+        return seeded_batches(epoch, lambda _, path: self.load(path), batch_size, start,
+                              where=repr(str(self.root)), skipped=lambda: len(self.skipped))
+
+
+def seeded_batches(
+    epochs: Callable[[int], Iterable[tuple[str, Any]]],
+    decode: Callable[[str, Any], Image.Image | None],
+    batch_size: int,
+    start: int = 0,
+    where: str = "the image source",
+    skipped: Callable[[], int] = lambda: 0,
+) -> Iterator[list[tuple[str, Image.Image]]]:
+    """Batches of ``(image_id, image)`` over epochs of records, for every image source.
+
+    Args:
+        epochs: ``epochs(e)`` yields epoch ``e``'s records in order as ``(id, raw)``, leaving
+            out those found unreadable so far (checked as it goes).
+        decode: ``decode(id, raw)``: the RGB image, or None for an unreadable record (the
+            source warns, names and counts it).
+        batch_size: Images per batch.
+        start: Pass over this many batches first without decoding them (a resumed run: the
+            records found unreadable before are left out as the first run left them out).
+        where: Names the source in the error when an epoch has no readable image.
+        skipped: How many records were found unreadable (for that error).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    to_skip = start * batch_size  # good images the first ``start`` batches held
+    batch: list[tuple[str, Image.Image]] = []
+    for e in itertools.count():
+        good = 0
+        for image_id, raw in epochs(e):
+            if to_skip:
+                to_skip -= 1
+                good += 1
+                continue
+            image = decode(image_id, raw)
+            if image is None:
+                continue
+            good += 1
+            batch.append((image_id, image))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if good == 0:
+            raise ConfigError(f"no readable image in {where} ({skipped()} unreadable records skipped)")

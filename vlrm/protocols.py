@@ -64,6 +64,25 @@ class Reward(Protocol):
 
 
 @runtime_checkable
+class ImageSource(Protocol):
+    """Training images: ``vlrm.data.ImageFolder``, or any source with the same methods
+    (``vlrm_plugins.hf_datasets``: Hugging Face ``datasets``, WebDataset shards). It also
+    keeps ``skipped``, a sized collection of the records found unreadable so far (logged as
+    ``data/skipped``)."""
+
+    def batches(self, batch_size, seed=0, start=0):
+        """Yield lists of ``(image_id, RGB image)`` forever, in an order fixed by ``seed``
+        (each epoch a new one); ``start`` skips that many batches first without decoding
+        them, so a resumed run sees exactly what the first run would have."""
+
+    def state_dict(self):
+        """What a resumed run needs (the records found unreadable so far), as plain data."""
+
+    def load_state_dict(self, state):
+        """Restore ``state_dict``'s output."""
+
+
+@runtime_checkable
 class Evaluator(Protocol):
     """Measures one policy's captions (a ``vlrm.evaluation.CaptionSet``: one caption per
     image, image loader, optional references); returns flat metric names, without a prefix,
