@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/latest.json --results-md benchmarks/results/latest.md
 
 test-fast: $(STAMP) system-deps
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow and not targets"
 
 clean:
 	rm -rf runs .pytest_cache .benchmarks

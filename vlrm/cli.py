@@ -130,7 +130,7 @@ def build_parser() -> Any:
     from jsonargparse import lazy_instance
 
     from vlrm.objective import A2C
-    from vlrm.protocols import ImageSource, Objective, Policy
+    from vlrm.protocols import ImageSource, Logger, Objective, Policy
     from vlrm.rewards import CompositeReward
     from vlrm.trainer import TrainerConfig
 
@@ -154,6 +154,10 @@ def build_parser() -> Any:
     parser.add_argument("--eval", type=Optional[PeriodicEval], default=None,
                         help="Evaluation on held-out images before training and every N "
                              "steps (vlrm.evaluation.PeriodicEval); default none.")
+    parser.add_argument("--loggers", type=Optional[dict[str, Logger]], default=None,
+                        help="Experiment trackers by name, each a class_path and init_args "
+                             "(`vlrm-plugins` lists them: tensorboard, ...); scalars every step, "
+                             "a sample table every trainer.samples_every steps.")
     parser.add_argument("--output_dir", type=str, default="runs/vlrm",
                         help="Receives config.yaml, metrics.jsonl and checkpoints/.")
     parser.add_argument("--resume", type=bool, default=False,
@@ -196,8 +200,11 @@ def run(argv: list[str] | None = None) -> int:
     world, ok = None, False
     try:
         world = from_environment()
+        import yaml
+
         trainer = Trainer(init.policy, init.reward, init.data, init.trainer, output_dir,
-                          evaluation=init.get("eval"), world=world, objective=init.objective)
+                          evaluation=init.get("eval"), world=world, objective=init.objective,
+                          loggers=init.get("loggers"), run_config=yaml.safe_load(parser.dump(cfg)))
         if cfg.resume:
             _resume(trainer, world, output_dir)
         if world.is_main:

@@ -75,6 +75,15 @@ def vlrm_register_objectives() -> dict[str, Callable[..., Any]]:
 
 
 @hookspec
+def vlrm_register_loggers() -> dict[str, Callable[..., Any]]:
+    """Register experiment trackers, chosen under ``loggers:`` in a config.
+
+    Returns:
+        ``{name: factory}``; the factory's result satisfies ``vlrm.protocols.Logger``.
+    """
+
+
+@hookspec
 def vlrm_register_commands() -> dict[str, Callable[..., Any]]:
     """Register subcommands of the ``vlrm`` command (``vlrm NAME args...``).
 

@@ -26,6 +26,7 @@ _KIND_OF_TYPE = {  # the protocol or base class a setting is typed with -> regis
     "Evaluator": "evaluators",
     "ImageFolder": "datasets",
     "ImageSource": "datasets",
+    "Logger": "loggers",
 }
 _installed: dict[str, Any] = {}
 

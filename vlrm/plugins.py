@@ -41,9 +41,10 @@ KINDS = {
     "evaluators": "vlrm_register_evaluators",
     "datasets": "vlrm_register_datasets",
     "objectives": "vlrm_register_objectives",
+    "loggers": "vlrm_register_loggers",
     "commands": "vlrm_register_commands",
 }
-CONFIG_KINDS = ("policies", "rewards", "evaluators", "datasets", "objectives")  # named in configs
+CONFIG_KINDS = ("policies", "rewards", "evaluators", "datasets", "objectives", "loggers")
 
 
 class PluginError(RuntimeError):

@@ -83,6 +83,25 @@ class ImageSource(Protocol):
 
 
 @runtime_checkable
+class Logger(Protocol):
+    """An experiment tracker (``vlrm_plugins.trackers``: TensorBoard, ...), chosen under
+    ``loggers:``. Only rank 0 calls it; metrics.jsonl stays the record of the run."""
+
+    def open(self, output_dir, config):
+        """Start (or, after ``--resume``, continue) logging the run in ``output_dir``;
+        ``config`` is the resolved config as plain data."""
+
+    def log_metrics(self, step, metrics):
+        """One step's metrics, the rows metrics.jsonl gets (``{name: number}``)."""
+
+    def log_samples(self, step, samples):
+        """A table of ``vlrm.structs.Sample``: images, captions, per-term rewards, advantages."""
+
+    def close(self):
+        """Flush and finish."""
+
+
+@runtime_checkable
 class Evaluator(Protocol):
     """Measures one policy's captions (a ``vlrm.evaluation.CaptionSet``: one caption per
     image, image loader, optional references); returns flat metric names, without a prefix,

@@ -202,11 +202,13 @@ class CompositeReward:
     def __call__(self, rollout: Rollout) -> RewardOutput:
         total = torch.zeros(rollout.mask.shape, dtype=torch.float32, device=rollout.mask.device)
         metrics: dict[str, float] = {}
+        raw: dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
             with record_function(f"vlrm.reward.{name}"):
                 output = term.reward(rollout)
             per_token = to_token_rewards(output, rollout.mask, name)
-            metrics[name] = per_token.sum(dim=1).mean().item()
+            raw[name] = per_token.sum(dim=1)
+            metrics[name] = raw[name].mean().item()
             metrics.update({f"{name}/{key}": value for key, value in output.metrics.items()})
             if self.group_normalize:
                 group = rollout.group.to(per_token.device)
@@ -218,7 +220,7 @@ class CompositeReward:
             per_token = self._shape(name, term, per_token, rollout.mask, metrics)
             total = total + term.weight * per_token
         metrics["total"] = total.sum(dim=1).mean().item()
-        return RewardOutput(token=total, metrics=metrics)
+        return RewardOutput(token=total, metrics=metrics, terms=raw)
 
     def _shape(self, name: str, term: RewardTerm, per_token: torch.Tensor, mask: torch.Tensor,
                metrics: dict[str, float]) -> torch.Tensor:

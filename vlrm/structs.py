@@ -103,12 +103,37 @@ class RewardOutput:
         sequence: Shape: (B,). One score per caption, float32, no gradient.
         token: Shape: (B, T). A score per generated token, zero on padding, float32.
         metrics: Extra scalars to log under ``reward/<term>/<key>``.
+        terms: A composite reward's terms, each caption's total before weighting and
+            normalisation: ``{term: (B,)}`` (for the trackers' sample tables).
     """
 
     sequence: torch.Tensor | None = None
     token: torch.Tensor | None = None
     metrics: dict[str, float] = field(factory=dict)
+    terms: dict[str, torch.Tensor] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.sequence is None and self.token is None:
             raise ValueError("a RewardOutput needs a sequence or a token reward")
+
+
+@frozen
+class Sample:
+    """One captioned training image, as the trackers' sample tables show it.
+
+    Attributes:
+        image_id: The image's id.
+        image: The RGB image (PIL).
+        caption: One sampled caption.
+        reward: The caption's total reward (sum over its tokens of the weighted terms).
+        terms: Each reward term's total for the caption, before weighting.
+        advantage: The mean advantage over the caption's tokens; None when the estimator
+            computes advantages inside its loss (A2C: they need the critic's values).
+    """
+
+    image_id: str
+    image: Any
+    caption: str
+    reward: float
+    terms: dict[str, float]
+    advantage: float | None

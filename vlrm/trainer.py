@@ -7,13 +7,14 @@ resuming and random states are kept by ``vlrm.run_state``.
 from __future__ import annotations
 
 import contextlib
+from contextlib import closing
 import inspect
 import itertools
 import json
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ from vlrm.evaluation import PeriodicEval, numeric
 from vlrm.faults import fault_point
 from vlrm.objective import (A2C, StepBatch, Targets, full_tensor, minibatch_images,
                             select_images)
-from vlrm.protocols import (Objective, Policy, Reward, SeededSampler, Shardable, implements,
-                            require)
+from vlrm.protocols import (Logger, Objective, Policy, Reward, SeededSampler, Shardable,
+                            implements, require)
 from vlrm.rewards import CompositeReward, bind_if_policy_aware
 from vlrm.sharing import share_frozen_towers
-from vlrm.structs import PolicyOutput, RewardOutput, Rollout
+from vlrm.structs import PolicyOutput, RewardOutput, Rollout, Sample
+from vlrm.trackers import Trackers, sample_rows
 
 #: Step metrics that are a process's share of a whole batch's value: added over processes
 #: (with every stat an objective's ``loss`` returns).
@@ -73,6 +75,9 @@ class TrainerConfig:
             all-reduces gradients; ``fsdp`` shards the policy's parameters over the
             processes with FSDP2 ``fully_shard`` (for a policy too big for one device).
         progress: Show a progress bar on stderr.
+        samples_every: With trackers configured (``loggers:``), log a table of sampled
+            images, captions, per-term rewards and advantages every this many steps
+            (rank 0's share of the step, at most 16 captions); 0 = never [ours: 100].
     """
 
     max_steps: int = 1000
@@ -89,11 +94,13 @@ class TrainerConfig:
     max_nonfinite_steps: int = 10
     parallel: str = "ddp"
     progress: bool = True
+    samples_every: int = 100
 
     def __attrs_post_init__(self) -> None:
         at_least = {"max_steps": 1, "images_per_step": 1, "samples_per_image": 1,
                     "max_nonfinite_steps": 1, "policy_lr": 0.0, "weight_decay": 0.0,
-                    "warmup_steps": 0, "max_grad_norm": 0.0, "save_every": 0, "keep_last": 0}
+                    "warmup_steps": 0, "max_grad_norm": 0.0, "save_every": 0, "keep_last": 0,
+                    "samples_every": 0}
         for key, low in at_least.items():
             value = getattr(self, key)
             if not is_real(value) or not value >= low:  # also catches NaN and null
@@ -139,15 +146,23 @@ class Trainer:
             default one process. Each rank trains on its share of every step's images.
         objective: The estimator and its loss (``vlrm.protocols.Objective``); default
             ``A2C()``.
+        loggers: Experiment trackers by name (``vlrm.protocols.Logger``); rank 0 logs to
+            them besides metrics.jsonl.
+        run_config: The resolved config as plain data, handed to the trackers.
     """
 
     def __init__(self, policy: Policy, reward: Reward, data: ImageFolder,
                  config: TrainerConfig, output_dir: str | Path,
                  evaluation: PeriodicEval | None = None, world: World | None = None,
-                 objective: Objective | None = None) -> None:
+                 objective: Objective | None = None,
+                 loggers: Mapping[str, Logger] | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
         self.policy, self.reward, self.data, self.config = policy, reward, data, config
+        self.run_config = run_config or {}
+        self._samples: list[Sample] | None = None
         self.evaluation = evaluation
         self.world = world or World()
+        self.trackers = Trackers(loggers if self.world.is_main else None)
         self.output_dir = Path(output_dir)
         self.objective = A2C() if objective is None else objective
         require(policy, Policy, "policy")
@@ -279,6 +294,10 @@ class Trainer:
             with record_function("vlrm.prepare"):
                 step = self._step_batch(rollout, rewards)
                 targets = self.objective.prepare(step)
+        every = self.config.samples_every
+        if self.trackers and every and (self.step + 1) % every == 0:
+            self._samples = sample_rows([b[0] for b in share], [b[1] for b in share], rollout,
+                                        rewards, targets.advantages, limit=16)
         stats, norms, skipped = self._update(rollout, targets)
         return self._metrics(rollout, rewards, step, targets, stats, norms, skipped)
 
@@ -445,7 +464,8 @@ class Trainer:
         batches = self._batches()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="vlrm", file=sys.stderr,
                    disable=not cfg.progress or not self.world.is_main, dynamic_ncols=True)
-        with run_state.open_log(self) as log:
+        self.trackers.open(self.output_dir, self.run_config)
+        with run_state.open_log(self) as log, closing(self.trackers):
             if self.evaluation is not None and self.step == 0:
                 self._evaluate(log)  # the baseline, before any update
             while self.step < cfg.max_steps:
@@ -461,6 +481,10 @@ class Trainer:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 history.append(metrics)
+                self.trackers.log_metrics(self.step, {k: v for k, v in metrics.items() if k != "step"})
+                if self._samples is not None:
+                    self.trackers.log_samples(self.step, self._samples)
+                    self._samples = None
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/total']:.3f}",
                                 loss=f"{metrics['loss/total']:.3f}")

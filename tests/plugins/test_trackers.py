@@ -1,0 +1,74 @@
+"""Trackers: what a run logs is read back with the tracker's own library."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from vlrm.cli import run
+from vlrm.trackers import Trackers
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["a2c", "grpo"])
+def test_tensorboard_holds_every_steps_scalars_and_the_sample_table(tmp_path, objective):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert run(["--config", TINY, f"--objective.class_path={objective}",
+                "--trainer.max_steps=3", "--trainer.save_every=0", "--trainer.progress=false",
+                "--trainer.samples_every=2", '--loggers={"tb": {"class_path": "tensorboard"}}',
+                f"--output_dir={out}"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    rows = _rows(out)
+    for key in ("reward/total", "loss/total", "reward/clip"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [1, 2, 3], key
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-6), key
+    # The sample table at step 2: one picture per image, a markdown row per caption.
+    images = [t for t in events.Tags()["images"] if t.startswith("samples/")]
+    assert len(images) == 4  # 4 images a step, 2 captions each
+    assert {e.step for t in images for e in events.Images(t)} == {2}
+    assert events.Images(images[0])[0].width > 0
+    (table,) = [e for e in events.Tensors("samples/text_summary") if e.step == 2]
+    text = table.tensor_proto.string_val[0].decode()
+    assert "| row | image | caption | reward | clip | advantage |" in text
+    assert text.count("\n") == 2 + 8 - 1  # header, rule, 8 captions
+    advantages = [line.rsplit("|", 2)[-2].strip() for line in text.splitlines()[2:]]
+    if objective == "grpo":  # group advantages are known before the loss
+        assert all(a and abs(float(a)) < 10 for a in advantages)
+    else:  # A2C's need the critic's values of the loss's forward
+        assert all(a == "" for a in advantages)
+    assert "config" in "".join(events.Tags()["tensors"])
+
+
+def test_a_failing_tracker_is_dropped_with_a_warning_and_the_others_go_on():
+    class Broken:
+        def open(self, output_dir, config): ...
+        def log_metrics(self, step, metrics): raise OSError("disk full")
+        def log_samples(self, step, samples): ...
+        def close(self): ...
+
+    class Recorder:
+        def __init__(self): self.steps = []
+        def open(self, output_dir, config): ...
+        def log_metrics(self, step, metrics): self.steps.append(step)
+        def log_samples(self, step, samples): ...
+        def close(self): ...
+
+    good = Recorder()
+    trackers = Trackers({"broken": Broken(), "good": good})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in (1, 2):
+            trackers.log_metrics(step, {"x": 1.0})
+    assert good.steps == [1, 2] and list(trackers.loggers) == ["good"]
+    assert any("'broken'" in str(w.message) and "disk full" in str(w.message) for w in caught)
