@@ -1,16 +1,21 @@
-"""Experiment trackers (``loggers:`` in a config): TensorBoard.
+"""Experiment trackers (``loggers:`` in a config): TensorBoard and MLflow.
 
     loggers:
       tb: {class_path: tensorboard}                  # writes <output_dir>/tensorboard
+      mlflow: {class_path: mlflow}                   # a local store in <output_dir>/mlruns
 
 Scalars every step under their metrics.jsonl names; every ``trainer.samples_every`` steps a
 sample table: each sampled image (``samples/<row>``) and one markdown table (``samples``)
 of image id, caption, total reward, each reward term and the advantage. Needs the
-``tensorboard`` extra (``pip install 'vlrm[tensorboard]'``).
+``tensorboard`` extra (``pip install 'vlrm[tensorboard]'``). MLflow logs the same scalars,
+each sampled image (``log_image`` with its step) and the rows as an MLflow table
+(``samples.json``, one row per caption with its step); it needs the ``mlflow`` extra.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +55,14 @@ class TensorBoardLogger:
         self.log_dir, self.flush_secs = log_dir, flush_secs
         self.writer: Any = None
 
-    def open(self, output_dir: Path, config: dict[str, Any]) -> None:
+    def open(self, output_dir: Path, config: dict[str, Any], step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         folder = Path(self.log_dir) if self.log_dir else Path(output_dir) / "tensorboard"
-        self.writer = SummaryWriter(str(folder), flush_secs=self.flush_secs)
-        if config:
+        # After --resume, events a killed run wrote past its checkpoint are purged.
+        self.writer = SummaryWriter(str(folder), flush_secs=self.flush_secs,
+                                    purge_step=step + 1 if step else None)
+        if config and not step:
             import yaml
 
             self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False)
@@ -81,6 +88,91 @@ class TensorBoardLogger:
             self.writer.close()
 
 
+def sample_columns(step: int, samples: list[Any]) -> dict[str, list[Any]]:
+    """The samples as columns (one row per caption), for table-shaped trackers."""
+    terms = sorted({t for s in samples for t in s.terms})
+    columns: dict[str, list[Any]] = {"step": [step] * len(samples),
+                                     "image_id": [s.image_id for s in samples],
+                                     "caption": [s.caption for s in samples],
+                                     "reward": [s.reward for s in samples]}
+    for t in terms:
+        columns[f"reward/{t}"] = [s.terms.get(t) for s in samples]
+    columns["advantage"] = [s.advantage for s in samples]
+    return columns
+
+
+class MlflowLogger:
+    """Logs to MLflow through ``MlflowClient``.
+
+    Args:
+        tracking_uri: Where runs go; default a local file store, ``<output_dir>/mlruns``
+            (MLflow keeps that store in maintenance mode: vlrm opts in for it, as
+            ``MLFLOW_ALLOW_FILE_STORE=true`` does), or e.g. ``http://host:5000``.
+        experiment: The experiment's name.
+        run_name: The run's name; default the output folder's name.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "vlrm",
+                 run_name: str | None = None) -> None:
+        try:
+            import mlflow  # noqa: F401
+        except ModuleNotFoundError as exc:
+            raise ConfigError("loggers: mlflow needs the mlflow package: "
+                              "pip install 'vlrm[mlflow]'") from exc
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.client: Any = None
+        self.run_id: str | None = None
+        self.file_store = False
+
+    def open(self, output_dir: Path, config: dict[str, Any], step: int = 0) -> None:
+        from mlflow import MlflowClient
+
+        uri = self.tracking_uri or (Path(output_dir) / "mlruns").resolve().as_uri()
+        self.file_store = uri.startswith("file:") or "://" not in uri
+        if self.file_store:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        marker = Path(output_dir) / "mlflow_run_id"  # --resume continues the same run
+        if step and marker.is_file():
+            self.run_id = marker.read_text().strip()
+            return
+        run = self.client.create_run(experiment_id, run_name=self.run_name or Path(output_dir).name)
+        self.run_id = run.info.run_id
+        marker.write_text(self.run_id + "\n")
+        if config:
+            self.client.log_dict(self.run_id, config, "config.json")
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(self.key(name), float(value), now, step) for name, value in metrics.items()
+                 if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def key(self, name: str) -> str:
+        """The metric's name: a file store keeps a metric as a file named by its path, so
+        ``reward/clip`` and ``reward/clip/truncated`` cannot both be stored; there ``/`` is
+        written ``.`` (``reward.clip``)."""
+        return name.replace("/", ".") if self.file_store else name
+
+    def log_samples(self, step: int, samples: list[Any]) -> None:
+        seen: set[str] = set()
+        for i, s in enumerate(samples):
+            if s.image_id not in seen:
+                seen.add(s.image_id)
+                self.client.log_image(self.run_id, s.image.convert("RGB"), key=f"samples-{i}",
+                                      step=step)
+        self.client.log_table(self.run_id, data=sample_columns(step, samples),
+                              artifact_file="samples.json")
+
+    def close(self) -> None:
+        if self.client is not None and self.run_id is not None:
+            self.client.set_terminated(self.run_id)
+
+
 @hookimpl
 def vlrm_register_loggers() -> dict[str, Any]:
-    return {"tensorboard": TensorBoardLogger}
+    return {"tensorboard": TensorBoardLogger, "mlflow": MlflowLogger}

@@ -87,9 +87,10 @@ class Logger(Protocol):
     """An experiment tracker (``vlrm_plugins.trackers``: TensorBoard, ...), chosen under
     ``loggers:``. Only rank 0 calls it; metrics.jsonl stays the record of the run."""
 
-    def open(self, output_dir, config):
-        """Start (or, after ``--resume``, continue) logging the run in ``output_dir``;
-        ``config`` is the resolved config as plain data."""
+    def open(self, output_dir, config, step):
+        """Start logging the run in ``output_dir``, or continue it after ``--resume``
+        (``step``: the steps already done, 0 for a new run); ``config`` is the resolved
+        config as plain data."""
 
     def log_metrics(self, step, metrics):
         """One step's metrics, the rows metrics.jsonl gets (``{name: number}``)."""

@@ -64,8 +64,8 @@ class Trackers:
                               stacklevel=2)
                 del self.loggers[name]
 
-    def open(self, output_dir: Path, config: dict[str, Any]) -> None:
-        self._each("open", Path(output_dir), config)
+    def open(self, output_dir: Path, config: dict[str, Any], step: int = 0) -> None:
+        self._each("open", Path(output_dir), config, step)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._each("log_metrics", step, metrics)

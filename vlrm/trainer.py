@@ -464,7 +464,7 @@ class Trainer:
         batches = self._batches()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="vlrm", file=sys.stderr,
                    disable=not cfg.progress or not self.world.is_main, dynamic_ncols=True)
-        self.trackers.open(self.output_dir, self.run_config)
+        self.trackers.open(self.output_dir, self.run_config, self.step)
         with run_state.open_log(self) as log, closing(self.trackers):
             if self.evaluation is not None and self.step == 0:
                 self._evaluate(log)  # the baseline, before any update

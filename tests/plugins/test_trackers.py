@@ -52,14 +52,14 @@ def test_tensorboard_holds_every_steps_scalars_and_the_sample_table(tmp_path, ob
 
 def test_a_failing_tracker_is_dropped_with_a_warning_and_the_others_go_on():
     class Broken:
-        def open(self, output_dir, config): ...
+        def open(self, output_dir, config, step): ...
         def log_metrics(self, step, metrics): raise OSError("disk full")
         def log_samples(self, step, samples): ...
         def close(self): ...
 
     class Recorder:
         def __init__(self): self.steps = []
-        def open(self, output_dir, config): ...
+        def open(self, output_dir, config, step): ...
         def log_metrics(self, step, metrics): self.steps.append(step)
         def log_samples(self, step, samples): ...
         def close(self): ...
@@ -72,3 +72,30 @@ def test_a_failing_tracker_is_dropped_with_a_warning_and_the_others_go_on():
             trackers.log_metrics(step, {"x": 1.0})
     assert good.steps == [1, 2] and list(trackers.loggers) == ["good"]
     assert any("'broken'" in str(w.message) and "disk full" in str(w.message) for w in caught)
+
+
+def test_mlflow_local_store_holds_the_scalars_images_and_sample_table_and_resume_continues(tmp_path):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "run"
+    common = ["--config", TINY, "--objective.class_path=grpo", "--trainer.save_every=2",
+              "--trainer.progress=false", "--trainer.samples_every=2",
+              '--loggers={"ml": {"class_path": "mlflow"}}', f"--output_dir={out}"]
+    assert run([*common, "--trainer.max_steps=2"]) == 0
+    assert run([*common, "--trainer.max_steps=4", "--resume=true"]) == 0  # the same MLflow run
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "vlrm"]
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_id == (out / "mlflow_run_id").read_text().strip()
+    rows = _rows(out)
+    history = client.get_metric_history(found.info.run_id, "reward.total")  # "/" -> "." in a file store
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert [m.value for m in history] == pytest.approx([r["reward/total"] for r in rows], rel=1e-6)
+    table = json.loads(Path(client.download_artifacts(found.info.run_id, "samples.json",
+                                                      str(tmp_path / "dl"))).read_text())
+    columns = table["columns"]
+    assert {"step", "image_id", "caption", "reward", "reward/clip", "advantage"} <= set(columns)
+    steps = [row[columns.index("step")] for row in table["data"]]
+    assert steps == [2] * 8 + [4] * 8  # both sample tables, the second after the resume
+    images = [a.path for a in client.list_artifacts(found.info.run_id, "images")]
+    assert images  # the sampled pictures, one per image of the table
