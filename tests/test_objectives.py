@@ -358,3 +358,8 @@ def test_estimator_configs_differ_from_their_base_only_where_they_say():
         assert config["objective"]["class_path"] == f"vlrm_plugins.estimators.{estimator}"
         assert {d for d in differences(config, resolved(build_parser(), "vlrm.yaml"))
                 if not d.startswith("objective.")} == {"output_dir"}
+    # grpo_gn.yaml: the grpo fragment plus the composite reward's per-term group normalisation,
+    # the reward terms of vlrm_rs.yaml kept (a later --config merges keys)
+    base = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/grpo.yaml")
+    gn = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/grpo_gn.yaml")
+    assert differences(gn, base) == {"reward.group_normalize"} and gn["reward"]["group_normalize"]
