@@ -10,6 +10,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest  # noqa: E402
 
 
+# The longest files first: pytest-xdist hands out whole files (`--dist loadfile`) in collection
+# order, so the short ones fill in at the end instead of one worker finishing alone.
+LONGEST_FILES = ("test_distributed.py", "test_torchrun.py", "test_resume.py", "test_shapes_demo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: every other test keeps its place
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread_per_xdist_worker():
     if os.environ.get("PYTEST_XDIST_WORKER"):
