@@ -29,10 +29,11 @@ system-deps:
 			--no-install-recommends chromium default-jre-headless; \
 	else echo "note: install chromium and a Java runtime (apt-get install chromium default-jre-headless) for the report and COCO-metrics tests"; fi
 
-# Two pytest-xdist workers, one thread each (tests/conftest.py), whole files per worker.
+# Two pytest-xdist workers, one thread each, whole files per worker, in the order tests/conftest.py
+# sets (the longest files first; xdist would otherwise order files by their number of tests).
 TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 	$(PY) -m pytest benchmarks --quick
 
 # Throughput against TRL and the naive baselines (tiny and small presets; paper too on a GPU); ~25 min on 2 CPUs (sum of its timed parts).
