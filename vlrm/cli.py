@@ -316,10 +316,8 @@ def plugins(argv: list[str] | None = None) -> int:
     if args.names:
         shown = []
         for name in args.names:
-            try:
-                found = [registry.get(kind, name) for kind in KINDS if name in registry.components[kind]]
-            except KeyError:
-                found = []
+            found = [registry.components[kind][name] for kind in KINDS
+                     if name in registry.components[kind]]
             if not found:
                 from vlrm.names import unknown_name_hint
 
