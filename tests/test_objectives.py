@@ -364,3 +364,7 @@ def test_estimator_configs_differ_from_their_base_only_where_they_say():
     base = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/grpo.yaml")
     gn = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/grpo_gn.yaml")
     assert differences(gn, base) == {"reward.group_normalize"} and gn["reward"]["group_normalize"]
+    a2c = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/a2c.yaml")
+    a2c_gn = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/a2c_gn.yaml")
+    assert differences(a2c_gn, a2c) == {"reward.group_normalize"}
+    assert a2c["objective"] == resolved(_demo_parser(), "shapes/vlrm_rs.yaml")["objective"]
