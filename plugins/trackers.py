@@ -1,15 +1,17 @@
-"""Experiment trackers (``loggers:`` in a config): TensorBoard and MLflow.
+"""Experiment trackers (``loggers:`` in a config): TensorBoard, MLflow and Weights & Biases.
 
     loggers:
       tb: {class_path: tensorboard}                  # writes <output_dir>/tensorboard
       mlflow: {class_path: mlflow}                   # a local store in <output_dir>/mlruns
+      wandb: {class_path: wandb, init_args: {project: captions}}
 
 Scalars every step under their metrics.jsonl names; every ``trainer.samples_every`` steps a
 sample table: each sampled image (``samples/<row>``) and one markdown table (``samples``)
 of image id, caption, total reward, each reward term and the advantage. Needs the
 ``tensorboard`` extra (``pip install 'vlrm[tensorboard]'``). MLflow logs the same scalars,
 each sampled image (``log_image`` with its step) and the rows as an MLflow table
-(``samples.json``, one row per caption with its step); it needs the ``mlflow`` extra.
+(``samples.json``, one row per caption with its step); it needs the ``mlflow`` extra. W&B
+logs the scalars, the pictures and a ``wandb.Table``; it needs the ``wandb`` extra.
 """
 
 from __future__ import annotations
@@ -173,6 +175,74 @@ class MlflowLogger:
             self.client.set_terminated(self.run_id)
 
 
+class WandbLogger:
+    """Logs to Weights & Biases.
+
+    Scalars every step under their metrics.jsonl names; every ``trainer.samples_every`` steps
+    the sampled pictures (``samples/images``) and a ``wandb.Table`` of step, image id, image,
+    caption, total reward, each term and advantage (``samples``). ``--resume`` continues the
+    same W&B run (its id is kept in ``<output_dir>/wandb_run_id``).
+
+    Args:
+        project: The W&B project.
+        entity: The W&B team or user; default the logged-in user's.
+        mode: ``online``, ``offline`` (writes ``<dir>/wandb/offline-run-*``, upload later with
+            ``wandb sync``) or ``disabled``; default W&B's own (``WANDB_MODE``, else online).
+        name: The run's name; default the output folder's name.
+        dir: Where W&B keeps its files; default the output folder.
+        tags: Tags for the run.
+    """
+
+    def __init__(self, project: str = "vlrm", entity: str | None = None, mode: str | None = None,
+                 name: str | None = None, dir: str | None = None,
+                 tags: list[str] | None = None) -> None:
+        try:
+            import wandb  # noqa: F401
+        except ModuleNotFoundError as exc:
+            raise ConfigError("loggers: wandb needs the wandb package: "
+                              "pip install 'vlrm[wandb]'") from exc
+        if mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"loggers: wandb mode {mode!r} is not one of online, offline, "
+                              "disabled")
+        self.project, self.entity, self.mode = project, entity, mode
+        self.name, self.dir, self.tags = name, dir, tags
+        self.run: Any = None
+
+    def open(self, output_dir: Path, config: dict[str, Any], step: int = 0) -> None:
+        import wandb
+
+        marker = Path(output_dir) / "wandb_run_id"
+        resuming = bool(step) and marker.is_file()
+        self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode,
+                              name=self.name or Path(output_dir).name,
+                              dir=str(self.dir or output_dir), tags=self.tags, config=config or None,
+                              id=marker.read_text().strip() if resuming else None,
+                              resume="allow" if resuming else None)
+        marker.write_text(self.run.id + "\n")
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({k: v for k, v in metrics.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+
+    def log_samples(self, step: int, samples: list[Any]) -> None:
+        import wandb
+
+        columns = sample_columns(step, samples)
+        pictures: dict[str, Any] = {}
+        for s in samples:  # an image's K captions share one picture
+            if s.image_id not in pictures:
+                pictures[s.image_id] = wandb.Image(s.image.convert("RGB"), caption=s.image_id)
+        names = list(columns)
+        rows = [[columns[n][i] for n in names] for i in range(len(samples))]
+        table = wandb.Table(columns=[*names[:2], "image", *names[2:]],
+                            data=[[*row[:2], pictures[row[1]], *row[2:]] for row in rows])
+        self.run.log({"samples": table, "samples/images": list(pictures.values())}, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
 @hookimpl
 def vlrm_register_loggers() -> dict[str, Any]:
-    return {"tensorboard": TensorBoardLogger, "mlflow": MlflowLogger}
+    return {"tensorboard": TensorBoardLogger, "mlflow": MlflowLogger, "wandb": WandbLogger}

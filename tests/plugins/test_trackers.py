@@ -99,3 +99,70 @@ def test_mlflow_local_store_holds_the_scalars_images_and_sample_table_and_resume
     assert steps == [2] * 8 + [4] * 8  # both sample tables, the second after the resume
     images = [a.path for a in client.list_artifacts(found.info.run_id, "images")]
     assert images  # the sampled pictures, one per image of the table
+
+
+def _wandb_records(path: Path):
+    """The records of a W&B run file (``run-<id>.wandb``), decoded with W&B's own protobuf
+    schema. The file is a 7-byte header (``:W&B``, magic, version) and then LevelDB's log
+    format: 32 KiB blocks of chunks, each a 7-byte header (CRC32, length, kind: 1 full,
+    2 first, 3 middle, 4 last) and its bytes."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, parts = path.read_bytes(), 32768, 7, []
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        parts.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            yield record
+
+
+def test_wandb_offline_run_holds_the_scalars_and_sample_table_and_resume_continues(tmp_path,
+                                                                                  monkeypatch):
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    common = ["--config", TINY, "--objective.class_path=grpo", "--trainer.save_every=2",
+              "--trainer.progress=false", "--trainer.samples_every=2",
+              '--loggers={"wb": {"class_path": "wandb", "init_args": {"mode": "offline"}}}',
+              f"--output_dir={out}"]
+    assert run([*common, "--trainer.max_steps=2"]) == 0
+    assert run([*common, "--trainer.max_steps=4", "--resume=true"]) == 0  # the same W&B run
+    run_id = (out / "wandb_run_id").read_text().strip()
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert [f.name.rsplit("-", 1)[1] for f in folders] == [run_id, run_id]
+    logged: dict[int, dict] = {}
+    for folder in folders:
+        for record in _wandb_records(folder / f"run-{run_id}.wandb"):
+            if record.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                         for i in record.history.item}
+                logged.setdefault(record.history.step.num, {}).update(items)
+    rows = _rows(out)
+    assert sorted(logged) == [1, 2, 3, 4]
+    for key in ("reward/total", "loss/total", "reward/clip"):
+        assert [logged[s][key] for s in (1, 2, 3, 4)] == pytest.approx([r[key] for r in rows],
+                                                                       rel=1e-6), key
+    # the sample tables of steps 2 and 4, one row per caption (4 images x 2 captions)
+    tables = sorted(p for f in folders for p in (f / "files" / "media" / "table").glob("*.json"))
+    assert len(tables) == 2
+    for path, step in zip(tables, (2, 4)):
+        table = json.loads(path.read_text())
+        columns = table["columns"]
+        assert columns[:3] == ["step", "image_id", "image"]
+        assert {"caption", "reward", "reward/clip", "advantage"} <= set(columns)
+        assert [row[0] for row in table["data"]] == [step] * 8
+        assert all(row[columns.index("caption")] for row in table["data"])
+        assert logged[step]["samples/_type"] == "table-file"  # nested keys flattened
+    pictures = [p for f in folders for p in (f / "files" / "media" / "images").rglob("*.png")]
+    assert len(pictures) == 2 * 4  # each table's four pictures
