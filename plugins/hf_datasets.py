@@ -16,12 +16,16 @@ them, so ``--resume`` sees exactly the images the first run would have seen.
   first dot: ``000123.jpg``, ``000123.txt``, ...), read with Python's ``tarfile``; each
   epoch visits the shards in a seeded order, and a seeded buffer shuffles the records.
 
-Under torchrun every rank walks the same order and keeps its share of each batch (the
-trainer's contract for every image source).
+Under torchrun every rank walks the same order and reads only its own share of each batch
+(``vlrm.data.seeded_batches``): the rows of a map-style dataset and the image bytes of a tar
+shard are read only by the rank that decodes them; a streamed dataset is iterated by every
+rank, each decoding its share (as ``datasets.distributed.split_dataset_by_node`` does when
+the shards do not divide among the ranks).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import random
@@ -62,9 +66,11 @@ class RecordSource:
         raise NotImplementedError
 
     def decode(self, image_id: str, raw: Any) -> Image.Image | None:
-        """The record's image, or None (warned, named and counted) if it is unreadable."""
+        """The record's image, or None (warned, named and counted) if it is unreadable. A
+        callable ``raw`` reads the record's bytes when called (only the rank that decodes the
+        record reads them)."""
         try:
-            return self._decode(raw)
+            return self._decode(raw() if callable(raw) else raw)
         except _UNREADABLE as exc:
             log.warning("skipping unreadable image %s in %s: %s", image_id, self.name, exc)
             self.skipped.add(image_id)
@@ -77,15 +83,24 @@ class RecordSource:
     def load_state_dict(self, state: dict[str, list[str]]) -> None:
         self.skipped |= set(state.get("skipped", []))
 
-    def batches(self, batch_size: int, seed: int = 0,
-                start: int = 0) -> Iterator[list[tuple[str, Image.Image]]]:
-        """Yield lists of ``(image_id, image)`` forever (see the module docstring)."""
+    def batches(self, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[list[tuple[str, Image.Image]]]:
+        """Yield lists of ``(image_id, image)`` forever (see the module docstring); under
+        torchrun only this rank's share of each batch (``vlrm.data.seeded_batches``)."""
+        return seeded_batches(lambda e: self._epoch(e, seed), self.decode, batch_size, start,
+                              where=self.name, skipped=lambda: len(self.skipped),
+                              known_bad=lambda image_id, _: image_id in self.skipped,
+                              rank=rank, world_size=world_size)
 
-        def epoch(e: int) -> Iterator[tuple[str, Any]]:
-            return ((i, raw) for i, raw in self._epoch(e, seed) if i not in self.skipped)
 
-        return seeded_batches(epoch, self.decode, batch_size, start, where=self.name,
-                              skipped=lambda: len(self.skipped))
+def _read_bytes(path: Path, offset: int, size: int) -> bytes:
+    """``size`` bytes of the file at ``offset`` (a tar member's data)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{path.name} ends {size - len(data)} bytes early")
+    return data
 
 
 def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -172,9 +187,10 @@ class HFImages(RecordSource):
             return
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         for i in torch.randperm(len(self._ids), generator=generator).tolist():
-            if self._ids[i] in self.skipped:
-                continue  # not even read
-            yield self._ids[i], self.ds[i][self.image_column]
+            yield self._ids[i], functools.partial(self._cell, i)  # read when decoded
+
+    def _cell(self, row: int) -> Any:
+        return self.ds[row][self.image_column]
 
     def _decode(self, raw: Any) -> Image.Image:
         if isinstance(raw, dict):  # an Image feature, undecoded: {"bytes": ..., "path": ...}
@@ -230,8 +246,9 @@ class WebDatasetImages(RecordSource):
         self.image_keys = tuple(k.lower() for k in image_keys)
 
     def _records(self, shard: Path) -> Iterator[tuple[str, Any]]:
-        """``(shard:key, image bytes)`` per record with an image; a shard that cannot be read
-        is one unreadable record (named by the shard)."""
+        """``(shard:key, a callable reading the image's bytes)`` per record with an image (a
+        rank reads only the headers of other ranks' records); a shard that cannot be read is
+        one unreadable record (named by the shard)."""
         try:
             with tarfile.open(shard) as tar:
                 current, files = None, {}
@@ -245,7 +262,12 @@ class WebDatasetImages(RecordSource):
                         if current is not None:
                             yield from self._record(shard, current, files)
                         current, files = key, {}
-                    files[suffix.lower()] = tar.extractfile(member).read()
+                    if isinstance(tar.fileobj, io.BufferedReader):  # an uncompressed shard:
+                        # read when decoded, by the rank whose record it is
+                        files[suffix.lower()] = functools.partial(
+                            _read_bytes, shard, member.offset_data, member.size)
+                    else:  # compressed: the offsets are in the decompressed stream
+                        files[suffix.lower()] = tar.extractfile(member).read()
                 if current is not None:
                     yield from self._record(shard, current, files)
         except (tarfile.TarError, OSError) as exc:

@@ -437,3 +437,64 @@ def test_image_between_one_and_two_pixel_limits_is_skipped(tmp_path, monkeypatch
 
     assert _ids(batch) == [str(root / "small.png")] * 2
     assert folder.skipped == {big}
+
+
+# ---------------------------------------------------------------- each rank reads its share
+
+
+def _reading(folder: ImageFolder) -> list[Path]:
+    """Record the files ``folder`` opens (then opens them as before)."""
+    opened: list[Path] = []
+    load = folder.load
+    folder.load = lambda path: (opened.append(path), load(path))[1]
+    return opened
+
+
+def test_each_rank_opens_only_its_share_which_is_its_slice_of_the_one_process_batch(tmp_path):
+    root = _folder_of(tmp_path, 7)  # epochs of 7 against batches of 4: batches span epochs
+    whole = _take(ImageFolder(str(root)), 4, seed=3, n_batches=6)
+    shares, opened = [], []
+    for rank in (0, 1):
+        folder = ImageFolder(str(root))
+        opened.append(_reading(folder))
+        shares.append(list(itertools.islice(folder.batches(4, seed=3, rank=rank, world_size=2), 6)))
+    for step, batch in enumerate(whole):  # rank r's share is World.shard's r-th half
+        assert _ids(shares[0][step]) == _ids(batch)[:2] and _ids(shares[1][step]) == _ids(batch)[2:]
+    assert len(opened[0]) == len(opened[1]) == 12  # each opened only its own 12 of the 24
+    assert sorted(map(str, opened[0] + opened[1])) == sorted(i for b in whole for i in _ids(b))
+
+
+def test_an_unreadable_file_is_met_by_one_rank_and_replaced_from_its_own_records(tmp_path, caplog):
+    root = _folder_of(tmp_path, 7)
+    (root / "img03.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    shares, folders, opened = [], [], []
+    with caplog.at_level(logging.WARNING):
+        for rank in (0, 1):
+            folder = ImageFolder(str(root))
+            folders.append(folder)
+            opened.append(_reading(folder))
+            shares.append(list(itertools.islice(folder.batches(4, seed=3, rank=rank,
+                                                              world_size=2), 6)))
+    # Found by the rank it was dealt to, once (epochs of 7 deal it to each rank in turn; the
+    # trainer shares what each rank found after every step)
+    assert [len(f.skipped) for f in folders] in ([1, 0], [0, 1], [1, 1])
+    assert len(caplog.records) == sum(len(f.skipped) for f in folders)
+    for rank in (0, 1):  # full shares, the bad file left out, nothing opened in vain
+        assert all(len(b) == 2 and all("img03" not in i for i in _ids(b)) for b in shares[rank])
+        assert len(opened[rank]) == 12 + len(folders[rank].skipped)
+    # A resumed rank (every rank's skipped files restored) passes over its first 4 batches.
+    for rank in (0, 1):
+        resumed = ImageFolder(str(root))
+        for f in folders:
+            resumed.load_state_dict(f.state_dict())
+        opened = _reading(resumed)
+        again = list(itertools.islice(resumed.batches(4, seed=3, start=4, rank=rank,
+                                                      world_size=2), 2))
+        assert [_ids(x) for x in again] == [_ids(x) for x in shares[rank][4:6]]
+        assert len(opened) == 4  # only the images it returns
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_a_config_error(tmp_path):
+    folder = ImageFolder(str(_folder_of(tmp_path, 4)))
+    with pytest.raises(ConfigError, match="3 images a batch cannot be split evenly over 2"):
+        next(folder.batches(3, rank=0, world_size=2))

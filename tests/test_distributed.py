@@ -50,6 +50,8 @@ def test_two_ranks_with_half_batches_match_one_rank(one_rank, tmp_path, parallel
     single, single_meta = one_rank
     split, split_meta = run_worker(tmp_path, parallel, 2, parallel)
     assert (single_meta["world"], split_meta["world"]) == (1, 2)
+    # each rank opened only its own half of a step's images (vlrm.data.seeded_batches)
+    assert split_meta["reads_shares"] and not single_meta["reads_shares"]
     # The same captions at every step: each image drew from its own seeded generator.
     assert split_meta["captions"] == single_meta["captions"]
     assert set(split) == set(single)
@@ -73,7 +75,10 @@ def test_every_estimator_trains_the_same_on_two_ranks_as_on_one(tmp_path):
     single, single_meta = run_worker(tmp_path, "one", 1, "ddp", "", names)
     split, split_meta = run_worker(tmp_path, "two", 2, "ddp", "", names)
     assert (single_meta["world"], split_meta["world"]) == (1, 2)
-    assert split_meta == {**single_meta, "world": 2}  # the same captions at every step
+    # each rank opened only its own half of a step's images (vlrm.data.seeded_batches)
+    assert split_meta["reads_shares"] and not single_meta["reads_shares"]
+    shares = {k: True for k in single_meta if k.endswith("reads_shares")}
+    assert split_meta == {**single_meta, "world": 2, **shares}  # the same captions at every step
     assert set(split) == set(single)
     for key in single:  # the rewards are float32 (CLIP): ~1e-7 apart for other batch sizes
         torch.testing.assert_close(split[key], single[key], rtol=1e-6, atol=1e-6, msg=key)

@@ -117,24 +117,28 @@ class ImageFolder:
     def load_state_dict(self, state: dict[str, list[str]]) -> None:
         self.skipped |= {Path(p) for p in state.get("skipped", [])}
 
-    def batches(self, batch_size: int, seed: int = 0,
-                start: int = 0) -> Iterator[list[tuple[str, Image.Image]]]:
+    def batches(self, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[list[tuple[str, Image.Image]]]:
         """Yield lists of ``(image_id, image)``; each epoch is a fresh seeded shuffle.
 
         Args:
-            batch_size: Images per batch.
+            batch_size: Images per batch (over all ranks).
             seed: Seeds the shuffles.
             start: Skip this many batches first, without decoding them (a resumed run: the
                 files in ``skipped`` are passed over as the first run passed them over).
+            rank, world_size: Under torchrun: yield only this rank's share of each batch,
+                opening only its own files (``seeded_batches``).
         """
         generator = torch.Generator().manual_seed(seed)  # one stream over the epochs
 
         def epoch(_: int) -> Iterator[tuple[str, Path]]:
             order = torch.randperm(len(self.paths), generator=generator).tolist()
-            return ((str(p), p) for p in (self.paths[i] for i in order) if p not in self.skipped)
+            return ((str(p), p) for p in (self.paths[i] for i in order))
 
         return seeded_batches(epoch, lambda _, path: self.load(path), batch_size, start,
-                              where=repr(str(self.root)), skipped=lambda: len(self.skipped))
+                              where=repr(str(self.root)), skipped=lambda: len(self.skipped),
+                              known_bad=lambda _, path: path in self.skipped,
+                              rank=rank, world_size=world_size)
 
 
 def seeded_batches(
@@ -144,27 +148,55 @@ def seeded_batches(
     start: int = 0,
     where: str = "the image source",
     skipped: Callable[[], int] = lambda: 0,
+    known_bad: Callable[[str, Any], bool] = lambda image_id, raw: False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[list[tuple[str, Image.Image]]]:
     """Batches of ``(image_id, image)`` over epochs of records, for every image source.
 
+    With ``world_size`` > 1 each rank reads and decodes only its own share: the records,
+    counted over every epoch in order (readable or not), are dealt out in runs of
+    ``batch_size // world_size``, the first run to rank 0, the next to rank 1, and so on, and
+    each rank batches the readable ones of its runs. With no unreadable record, rank r's k-th
+    batch is exactly the r-th contiguous share of the single-process run's k-th batch (what
+    ``World.shard`` would cut); an unreadable record is replaced from its own rank's next
+    records, so the ranks never read the same record.
+
     Args:
-        epochs: ``epochs(e)`` yields epoch ``e``'s records in order as ``(id, raw)``, leaving
-            out those found unreadable so far (checked as it goes).
+        epochs: ``epochs(e)`` yields epoch ``e``'s records in order as ``(id, raw)``, every
+            record, readable or not; ``raw`` may be read lazily by ``decode``.
         decode: ``decode(id, raw)``: the RGB image, or None for an unreadable record (the
             source warns, names and counts it).
-        batch_size: Images per batch.
+        batch_size: Images per batch, over all ranks.
         start: Pass over this many batches first without decoding them (a resumed run: the
             records found unreadable before are left out as the first run left them out).
         where: Names the source in the error when an epoch has no readable image.
         skipped: How many records were found unreadable (for that error).
+        known_bad: ``known_bad(id, raw)``: the record was found unreadable before (it is
+            passed over, not read again).
+        rank, world_size: This process's share (torchrun); ``batch_size`` must divide evenly.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    to_skip = start * batch_size  # good images the first ``start`` batches held
+    if batch_size % world_size:
+        raise ConfigError(f"{batch_size} images a batch cannot be split evenly over {world_size} "
+                          "processes: make trainer.images_per_step a multiple of the number of "
+                          "processes")
+    per = batch_size // world_size
+    to_skip = start * per  # good images the first ``start`` batches held
     batch: list[tuple[str, Image.Image]] = []
+    position = 0  # records dealt so far, over every epoch
+    barren = 0  # epochs in a row with no readable record of this rank's
     for e in itertools.count():
-        good = 0
+        seen = mine = good = 0
         for image_id, raw in epochs(e):
+            seen += 1
+            position += 1
+            if (position - 1) // per % world_size != rank:
+                continue  # another rank's record: not read here
+            mine += 1
+            if known_bad(image_id, raw):
+                continue
             if to_skip:
                 to_skip -= 1
                 good += 1
@@ -174,8 +206,11 @@ def seeded_batches(
                 continue
             good += 1
             batch.append((image_id, image))
-            if len(batch) == batch_size:
+            if len(batch) == per:
                 yield batch
                 batch = []
-        if good == 0:
+        barren = barren + 1 if good == 0 else 0
+        # A share's records shift from epoch to epoch when the epoch's length is no multiple of
+        # the batch; after ``world_size * per`` epochs every record has been this rank's.
+        if seen == 0 or barren > (world_size * per if world_size > 1 else 0):
             raise ConfigError(f"no readable image in {where} ({skipped()} unreadable records skipped)")

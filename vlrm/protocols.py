@@ -73,7 +73,12 @@ class ImageSource(Protocol):
     def batches(self, batch_size, seed=0, start=0):
         """Yield lists of ``(image_id, RGB image)`` forever, in an order fixed by ``seed``
         (each epoch a new one); ``start`` skips that many batches first without decoding
-        them, so a resumed run sees exactly what the first run would have."""
+        them, so a resumed run sees exactly what the first run would have.
+
+        A source that also takes ``rank`` and ``world_size`` (the shipped ones, through
+        ``vlrm.data.seeded_batches``) yields only that rank's share of each batch under
+        torchrun, reading only its own records; otherwise every rank gets the whole batch
+        and keeps its share."""
 
     def state_dict(self):
         """What a resumed run needs (the records found unreadable so far), as plain data."""

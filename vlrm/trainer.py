@@ -276,16 +276,17 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------
 
-    def train_step(self, batch: list[tuple[str, Any]]) -> dict[str, float]:
+    def train_step(self, batch: list[tuple[str, Any]], is_share: bool = False) -> dict[str, float]:
         """One step on the step's batch of ``(image_id, image)`` (every rank gets the whole
-        batch and trains on its share): sample, reward, objective, update. Returns the
+        batch and trains on its share; ``is_share``: ``batch`` is already this rank's share,
+        read by a source that reads shares): sample, reward, objective, update. Returns the
         step's metrics over all ranks.
 
         Captions whose reward is NaN or infinite are left out of the update and counted
         (``reward/nonfinite``); an update whose loss or gradient is not finite is skipped
         (``step/skipped``), and ``max_nonfinite_steps`` of them in a row stop the run.
         """
-        share = self.world.shard(batch)
+        share = list(batch) if is_share else self.world.shard(batch)
         with self._gathered():
             with record_function("vlrm.sample"):
                 rollout = self._sample([b[1] for b in share], [b[0] for b in share])
@@ -410,12 +411,30 @@ class Trainer:
         metrics["step/skipped"] = float(skipped)
         return metrics
 
+    def _reads_shares(self) -> bool:
+        """Whether each rank reads only its own share of a batch (a source whose ``batches``
+        takes ``rank`` and ``world_size``, under torchrun)."""
+        params = inspect.signature(self.data.batches).parameters
+        return (self.world.distributed and {"rank", "world_size", "start"} <= set(params)
+                and hasattr(self.data, "state_dict") and hasattr(self.data, "load_state_dict"))
+
     def _batches(self) -> Iterator[list[tuple[str, Any]]]:
-        """The step's image batches, continuing after ``self.step`` batches (on resume)."""
+        """The step's image batches (this rank's share where the source reads shares),
+        continuing after ``self.step`` batches (on resume)."""
         n, seed = self.config.images_per_step, self.config.seed
+        if self._reads_shares():
+            return self.data.batches(n, seed=seed, start=self.step, rank=self.world.rank,
+                                     world_size=self.world.size)
         if self.step and "start" in inspect.signature(self.data.batches).parameters:
             return self.data.batches(n, seed=seed, start=self.step)
         return itertools.islice(self.data.batches(n, seed=seed), self.step, None)
+
+    def _share_skipped(self) -> None:
+        """Every rank learns the records the others found unreadable (each reads only its
+        own), so ``data/skipped`` and the checkpoint count them all."""
+        states = self.world.all_gather_object(self.data.state_dict())
+        self.data.load_state_dict({"skipped": sorted({s for st in states
+                                                      for s in st.get("skipped", [])})})
 
     def trainable(self) -> dict[str, torch.Tensor]:
         """The policy's trainable parameters by name (``param.<i>`` for a non-module policy)."""
@@ -461,7 +480,7 @@ class Trainer:
             random.seed(cfg.seed + self.world.rank)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         history = []
-        batches = self._batches()
+        batches, shares = self._batches(), self._reads_shares()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="vlrm", file=sys.stderr,
                    disable=not cfg.progress or not self.world.is_main, dynamic_ncols=True)
         self.trackers.open(self.output_dir, self.run_config, self.step)
@@ -471,9 +490,11 @@ class Trainer:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
                 try:
-                    metrics = self.train_step(next(batches))
+                    metrics = self.train_step(next(batches), is_share=shares)
                 except torch.OutOfMemoryError as exc:
                     raise TrainingError(out_of_memory_message(cfg, exc, self.world)) from exc
+                if shares:
+                    self._share_skipped()
                 self.step += 1
                 metrics = {"step": self.step, **metrics,
                            "time/step_s": time.perf_counter() - start,

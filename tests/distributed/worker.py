@@ -71,6 +71,7 @@ def main(out: str, parallel: str = "ddp", uneven: str = "", objectives: str = "a
             policy.max_new_tokens = 3 + 4 * world.rank
         captions = _train(trainer, policy, world, record, prefix)
         meta[f"{prefix}captions"] = captions
+        meta[f"{prefix}reads_shares"] = trainer._reads_shares()
     if world.is_main:
         save_file({k: v.contiguous() for k, v in record.items()}, out)
         Path(out).with_suffix(".json").write_text(json.dumps(meta))
@@ -78,10 +79,10 @@ def main(out: str, parallel: str = "ddp", uneven: str = "", objectives: str = "a
 
 
 def _train(trainer: Trainer, policy, world, record: dict, prefix: str) -> list:
-    batches = trainer._batches()
+    batches, shares = trainer._batches(), trainer._reads_shares()
     captions = []
     for step in range(STEPS):
-        metrics = trainer.train_step(next(batches))
+        metrics = trainer.train_step(next(batches), is_share=shares)
         trainer.step += 1
         record[f"{prefix}loss/{step}"] = torch.tensor(metrics["loss/total"], dtype=torch.float64)
         named = trainer.named_trainable()

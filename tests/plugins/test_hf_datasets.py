@@ -90,3 +90,34 @@ def test_bad_settings_are_config_errors_naming_what_is_wrong(parquet, tmp_path):
     streamed = HFImages("parquet", data_files=files, image_column="img", streaming=True)
     with pytest.raises(ConfigError, match="streamed"):
         streamed.ids()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "parquet-streamed", "webdataset"])
+def test_each_rank_decodes_only_its_share_of_each_batch(kind, parquet, shards):
+    make = _sources(parquet, shards)[kind]
+    whole = [[i for i, _ in b] for b in itertools.islice(make().batches(4, seed=14), 4)]
+    decoded, shares = [], []
+    for rank in (0, 1):
+        source = make()
+        seen: list[str] = []
+        decode = source.decode
+        source.decode = lambda image_id, raw, d=decode, s=seen: (s.append(image_id), d(image_id, raw))[1]
+        shares.append([[i for i, _ in b] for b in itertools.islice(
+            source.batches(4, seed=14, rank=rank, world_size=2), 4)])
+        decoded.append(seen)
+    for rank in (0, 1):  # full shares; nothing decoded but what is returned and the corrupt one
+        assert all(len(b) == 2 for b in shares[rank])
+        assert len(decoded[rank]) == 8 + sum("broken" in i for i in decoded[rank])
+    # Dealt in runs of 2: with the corrupt record not among the first four, the first shares
+    # are the halves of the one-process batch.
+    first = [i for i, _ in itertools.islice(make()._epoch(0, 14), 4)]
+    assert not any("broken" in i for i in first)  # (seed 14 deals it later)
+    assert shares[0][0] + shares[1][0] == whole[0] == first
+
+
+def test_a_tar_shard_record_is_read_only_when_decoded(shards):
+    source = WebDatasetImages(str(shards / "shard-*.tar"), shuffle_buffer=1)
+    records = list(source._epoch(0, seed=0))
+    assert all(callable(raw) for _, raw in records)  # nothing read yet but the tar headers
+    (name, raw), = [r for r in records if r[0].endswith(":photo0")]
+    assert raw() == dict(photo_records())["photo0"]
