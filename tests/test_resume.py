@@ -88,13 +88,21 @@ def test_resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run(tmp_path)
     assert not [p for p in (run / "checkpoints").iterdir() if ".partial" in p.name]
 
 
-def test_resume_without_a_checkpoint_starts_at_step_zero(tmp_path):
+def in_process(out: Path, *extra: str) -> int:
+    """``vlrm-run`` as ``vlrm_run`` runs it, in this process (for the tests that kill nothing)."""
+    from vlrm.cli import run
+
+    return run(["--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.max_steps", str(STEPS),
+                "--trainer.save_every", str(SAVE_EVERY), "--trainer.keep_last", "2",
+                "--trainer.progress", "false", "--output_dir", str(out), *extra])
+
+
+def test_resume_without_a_checkpoint_starts_at_step_zero(tmp_path, capsys):
     # What a run killed before its first checkpoint leaves: rows, the last one half-written.
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "metrics.jsonl").write_text('{"step": 1, "loss/total": 9}\n{"step": 2, "lo')
-    proc = vlrm_run(tmp_path / "fresh", "--resume", "true", "--trainer.max_steps", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "no checkpoint" in proc.stdout
+    assert in_process(tmp_path / "fresh", "--resume", "true", "--trainer.max_steps", "1") == 0
+    assert "no checkpoint" in capsys.readouterr().out
     assert [r["step"] for r in metric_rows(tmp_path / "fresh")] == [1]
 
 
@@ -108,20 +116,19 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_resume_refuses_a_changed_batch_size_and_a_checkpoint_that_unpickles_code(tmp_path):
+def test_resume_refuses_a_changed_batch_size_and_a_checkpoint_that_unpickles_code(tmp_path, capsys):
     out = tmp_path / "run"
-    assert vlrm_run(out, "--trainer.max_steps", "2").returncode == 0
-    proc = vlrm_run(out, "--resume", "true", "--trainer.images_per_step", "2")
-    assert proc.returncode == 2
-    assert "images_per_step" in proc.stderr and "Traceback" not in proc.stderr
+    assert in_process(out, "--trainer.max_steps", "2") == 0
+    assert in_process(out, "--resume", "true", "--trainer.images_per_step", "2") == 2
+    err = capsys.readouterr().err
+    assert "images_per_step" in err and "Traceback" not in err
 
     marker = tmp_path / "pwned"
     state = out / "checkpoints" / "last" / "trainer_state.pt"
     torch.save({"optimizer": Exploit(marker)}, state)
-    proc = vlrm_run(out, "--resume", "true")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "refused" in proc.stderr and "trainer_state.pt" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert in_process(out, "--resume", "true") == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "trainer_state.pt" in err and "Traceback" not in err
     assert not marker.exists()  # nothing in the file ran
 
 

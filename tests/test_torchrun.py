@@ -13,7 +13,8 @@ from test_distributed import torchrun
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+# DDP's run, kill and resume is the dataset-source test below (the default `parallel`).
+@pytest.mark.parametrize("parallel", ["fsdp"])
 def test_torchrun_run_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, parallel):
     def launch(out, *extra, kill_at=None):
         return torchrun(2, "-m", "vlrm.cli", "--config", "configs/tiny.yaml",
@@ -76,6 +77,13 @@ def test_a_dataset_source_trains_on_two_ranks_and_resumes_exactly_after_sigkill(
 
     reference = launch(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
+    # DDP (the default): rank 0 alone reports and writes
+    assert reference.stdout.count("4 steps done") == 1
+    meta = json.loads((tmp_path / "reference" / "checkpoints" / "last" / "trainer_state.json")
+                      .read_text())
+    assert meta["step"] == 4 and meta["world_size"] == 2 and meta["parallel"] == "ddp"
+    assert sorted(p.name for p in (tmp_path / "reference" / "checkpoints").iterdir()) == [
+        "last", "step-2", "step-4"]
     killed = launch(tmp_path / "run", kill_at="step:3")
     assert killed.returncode != 0
     resumed = launch(tmp_path / "run", "--resume", "true")
@@ -89,7 +97,8 @@ def test_a_dataset_source_trains_on_two_ranks_and_resumes_exactly_after_sigkill(
     assert ref_rows[-1]["data/skipped"] == 1 and rows[-1]["data/skipped"] == 1
     for row, ref in zip(rows, ref_rows):
         assert row["reward/total"] == ref["reward/total"] and row["loss/total"] == ref["loss/total"]
-    for name in ("trainable.safetensors", "value_head.safetensors"):
+    for name in ("trainable.safetensors", "value_head.safetensors", "policy/model.safetensors"):
         expected = load_file(str(tmp_path / "reference" / "checkpoints" / "last" / name))
         got = load_file(str(tmp_path / "run" / "checkpoints" / "last" / name))
+        assert set(got) == set(expected)
         assert all(torch.equal(got[k], expected[k]) for k in expected), name
