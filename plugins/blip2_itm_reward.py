@@ -160,7 +160,8 @@ def tiny_blip2_itm_reward(seed: int = 0, mode: str = "itm", image_size: int = 32
     from transformers import (Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor,
                               BlipImageProcessor)
 
-    from vlrm_plugins.blip2_opt import _quiet_transformers, gpt2_tokenizer
+    from vlrm_plugins.blip2_opt import gpt2_tokenizer
+    from vlrm_plugins.hf_common import quiet_transformers
 
     tokenizer = gpt2_tokenizer()
     processor = Blip2Processor(BlipImageProcessor(size={"height": image_size, "width": image_size}),
@@ -178,7 +179,7 @@ def tiny_blip2_itm_reward(seed: int = 0, mode: str = "itm", image_size: int = 32
     model = Blip2ForImageTextRetrieval(config)
     with torch.no_grad():  # as in BLIP-2's own code; transformers starts them at zero
         model.query_tokens.normal_(0.0, 0.02)
-    with tempfile.TemporaryDirectory() as tmp, _quiet_transformers():
+    with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         return blip2_itm_reward(tmp, mode=mode, scale=scale)

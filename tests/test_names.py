@@ -110,7 +110,7 @@ def test_only_the_named_plugins_load():
     assert set(registry.components["policies"]) == {"blip2_opt", "tiny_blip2_opt"}
     blocked = {p.name for p in registry.blocked}
     assert {"example_reward", "shapes", "estimators"} <= blocked
-    assert "vlrm_plugins.shapes_world" in registry.denied
+    assert "vlrm_shapes.world" in registry.denied
     assert "vlrm_example_reward" in registry.denied  # that distribution is left out whole
     assert not any(d == "vlrm" or d.startswith("vlrm.") for d in registry.denied)
 

@@ -326,7 +326,7 @@ def test_estimator_configs_differ_from_their_base_only_where_they_say():
     reward's per-term group normalisation) in 1,000 steps; configs/grpo.yaml and
     rloo.yaml are vlrm.yaml with the estimator swapped (an included file's sections are
     replaced whole, so a stray section there would silently reset settings)."""
-    from vlrm_plugins.shapes_demo import _demo_parser
+    from vlrm_shapes.demo import _demo_parser
 
     from vlrm.cli import build_parser
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,25 @@ def test_vlrm_plugins_table():
     assert "clip  (vlrm 0.1.0)" in out.stdout
     assert ("rewards: clip (vlrm_plugins.clip_reward.clip_reward), "
             "tiny_clip (vlrm_plugins.clip_reward.tiny_clip_reward)") in out.stdout
+
+
+def test_the_shapes_world_is_its_own_package_using_only_public_names():
+    """worlds/shapes is a separate distribution: the engine and the first-party plugins never
+    name it, and it imports nothing private from them (as a third party would)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("vlrm", "plugins"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "vlrm_shapes" not in text and "vlrm_plugins.shapes" not in text, path
+    world = sorted((root / "worlds" / "shapes" / "vlrm_shapes").glob("*.py"))
+    assert len(world) >= 6
+    for path in world:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+                    "vlrm", "vlrm_plugins"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private and not any(part.startswith("_") for part in
+                                               node.module.split(".")), (path.name, node.module,
+                                                                         private)

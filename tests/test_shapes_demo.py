@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from vlrm_plugins.shapes_world import parse
+from vlrm_shapes.world import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from vlrm_plugins.shapes_build import build_world
+    from vlrm_shapes.build import build_world
 
     out = tmp_path_factory.mktemp("world")
     record = build_world(str(out), train_images=256, reward_clip_steps=20, judge_clip_steps=20,
@@ -28,8 +28,8 @@ def test_build_writes_a_llava_captioner_that_transformers_and_the_policy_load(bu
 
     from vlrm.testing import check_policy
     from vlrm_plugins.hf_inputs import native_captions
-    from vlrm_plugins.shapes_llava import shapes_llava_captioner
-    from vlrm_plugins.shapes_world import ShapesWorld
+    from vlrm_shapes.llava import shapes_llava_captioner
+    from vlrm_shapes.world import ShapesWorld
 
     folder = built / "llava_captioner"
     assert isinstance(AutoModelForImageTextToText.from_pretrained(str(folder)), LlavaForConditionalGeneration)
@@ -44,7 +44,7 @@ def test_build_writes_a_llava_captioner_that_transformers_and_the_policy_load(bu
 def test_build_writes_models_the_real_loaders_read(built):
     from transformers import Blip2ForConditionalGeneration
 
-    from vlrm_plugins.shapes_world import shapes_captioner, shapes_clip_recall, shapes_reward_clip
+    from vlrm_shapes.world import shapes_captioner, shapes_clip_recall, shapes_reward_clip
 
     assert json.loads((built / "build.json").read_text())["train_images"] == 256
     Blip2ForConditionalGeneration.from_pretrained(str(built / "captioner"))
@@ -60,8 +60,8 @@ def test_build_writes_models_the_real_loaders_read(built):
 
 
 def test_full_grammar_constraint_forces_complete_captions(built):
-    from vlrm_plugins.shapes_demo import full_grammar
-    from vlrm_plugins.shapes_world import ShapesImages, shapes_captioner
+    from vlrm_shapes.demo import full_grammar
+    from vlrm_shapes.world import ShapesImages, shapes_captioner
 
     policy = shapes_captioner(str(built))
     data = ShapesImages("test", num_images=8)
@@ -76,7 +76,7 @@ def test_full_grammar_constraint_forces_complete_captions(built):
 @pytest.mark.parametrize("config", ["vlrm_rs.yaml", "llava_rs.yaml"])
 def test_short_demo_writes_summary_and_report(built, tmp_path, capsys, config):
     """Both captioner families (BLIP-2 OPT and the LLaVA-style one through hf_captioner)."""
-    from vlrm_plugins.shapes_demo import SUMMARY_KEYS, main
+    from vlrm_shapes.demo import SUMMARY_KEYS, main
 
     out = tmp_path / "demo"
     w = str(built)
@@ -105,7 +105,7 @@ def test_short_demo_writes_summary_and_report(built, tmp_path, capsys, config):
 
 
 def test_the_shipped_world_loads_through_the_default_paths():
-    from vlrm_plugins.shapes_world import (WEIGHTS, ShapesImages, shapes_captioner, shapes_clip_recall,
+    from vlrm_shapes.world import (WEIGHTS, ShapesImages, shapes_captioner, shapes_clip_recall,
                                            shapes_reward_clip)
 
     record = json.loads((WEIGHTS / "build.json").read_text())
@@ -124,7 +124,7 @@ def test_build_in_one_process_trains_the_same_clips(built, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from vlrm_plugins.shapes_build import build_world
+    from vlrm_shapes.build import build_world
 
     record = build_world(str(tmp_path), train_images=256, reward_clip_steps=20, judge_clip_steps=20,
                          vision_steps=20, captioner_steps=40, itm_steps=0, llava_steps=0, workers=1,
@@ -138,7 +138,7 @@ def test_build_in_one_process_trains_the_same_clips(built, tmp_path):
 
 
 def test_caption_kind_is_the_style_of_the_biased_caption():
-    from vlrm_plugins.shapes_world import ShapesWorld
+    from vlrm_shapes.world import ShapesWorld
 
     world = ShapesWorld(0)
     for i in range(200):
@@ -154,7 +154,7 @@ def test_continue_captioner_trains_in_place_and_records_the_round(built, tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from vlrm_plugins.shapes_build import continue_captioner
+    from vlrm_shapes.build import continue_captioner
 
     world = tmp_path / "world"
     shutil.copytree(built, world)
@@ -168,7 +168,7 @@ def test_continue_captioner_trains_in_place_and_records_the_round(built, tmp_pat
 
 
 def test_sweep_runs_each_seed_and_ablation_and_tabulates_them(built, tmp_path, capsys):
-    from vlrm_plugins.shapes_demo import main
+    from vlrm_shapes.demo import main
 
     out = tmp_path / "sweep"
     w = str(built)
@@ -199,14 +199,14 @@ def test_sweep_runs_each_seed_and_ablation_and_tabulates_them(built, tmp_path, c
 
 
 def test_sweep_rejects_an_unknown_ablation(capsys):
-    from vlrm_plugins.shapes_demo import main
+    from vlrm_shapes.demo import main
 
     assert main(["sweep", "--ablations", "no_such", "--config", "x.yaml"]) != 0
     assert "no_such" in capsys.readouterr().err
 
 
 def test_sweep_over_objectives_runs_each_estimator_and_seed_and_writes_the_doc(built, tmp_path):
-    from vlrm_plugins.shapes_demo import main
+    from vlrm_shapes.demo import main
 
     out, doc = tmp_path / "sweep", tmp_path / "estimators.md"
     doc.write_text("# Estimators\n\nProse before.\n\n<!-- sweep:begin -->\nold\n<!-- sweep:end -->\n\nProse after.\n")
@@ -238,7 +238,7 @@ def test_sweep_over_objectives_runs_each_estimator_and_seed_and_writes_the_doc(b
 
 
 def test_judging_during_training_leaves_the_training_unchanged(built, tmp_path):
-    from vlrm_plugins.shapes_demo import main
+    from vlrm_shapes.demo import main
 
     w = str(built)
 
@@ -267,7 +267,7 @@ def test_judging_during_training_leaves_the_training_unchanged(built, tmp_path):
 
 
 def test_estimator_table_judges_each_estimator_at_the_fastest_ones_wall_clock():
-    from vlrm_plugins.shapes_sweep import estimator_table
+    from vlrm_shapes.sweep import estimator_table
 
     keys = ("clip_recall/r1", "reward_clip/r1", "caption/grammar_rate",
             "caption/repetition_rate", "caption/invented_objects")
@@ -291,7 +291,7 @@ def test_estimator_table_judges_each_estimator_at_the_fastest_ones_wall_clock():
 
 
 def test_sweep_names_the_unknown_objective(capsys):
-    from vlrm_plugins.shapes_demo import main
+    from vlrm_shapes.demo import main
 
     assert main(["sweep", "--objectives", "no_such", "--config", "x.yaml"]) == 2
     err = capsys.readouterr().err

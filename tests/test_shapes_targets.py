@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vlrm_plugins.shapes_demo import main
+from vlrm_shapes.demo import main
 
 pytestmark = pytest.mark.targets
 

@@ -85,7 +85,7 @@ def _name_reasons(message: str) -> str:
     return ""
 
 
-def _config_files(argv: list[str]) -> list[str]:
+def config_files(argv: list[str]) -> list[str]:
     """The files given with --config, to name them in error messages."""
     files = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
     return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
@@ -183,7 +183,7 @@ def run(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"vlrm-run: error: {exc}\n")
         return EXIT_CONFIG
     parser = build_parser()
-    files = _config_files(argv)
+    files = config_files(argv)
     parser.config_files = files
     cfg = parser.parse_args(argv)
     output_dir = Path(cfg.output_dir)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from attrs import frozen
 
-from vlrm.cli import EXIT_CONFIG, _config_files, new_parser
+from vlrm.cli import EXIT_CONFIG, config_files, new_parser
 from vlrm.errors import ConfigError
 
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"vlrm-eval: error: {exc}\n")
         return EXIT_CONFIG
     parser = build_parser()
-    parser.config_files = _config_files(argv)
+    parser.config_files = config_files(argv)
     cfg = parser.parse_args(argv)
     output_dir = Path(cfg.output_dir)
     try:

@@ -10,11 +10,11 @@ import torch
 
 from vlrm.errors import ConfigError
 from vlrm.testing import check_reward, make_rollout
-from vlrm_plugins.shapes_itm import hard_negative, shapes_reward_itm
-from vlrm_plugins.shapes_world import ShapesWorld, describe, parse
+from vlrm_shapes.itm import hard_negative, shapes_reward_itm
+from vlrm_shapes.world import ShapesWorld, describe, parse
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "plugins" / "shapes_weights"
+SHIPPED = ROOT / "worlds" / "shapes" / "vlrm_shapes" / "weights"
 
 
 def one_change(true: str, negative: str) -> str:
@@ -60,8 +60,8 @@ def test_hard_negatives_are_deterministic_given_the_rng():
 def trained(tmp_path_factory):
     from transformers import Blip2ForConditionalGeneration
 
-    from vlrm_plugins.shapes_build import pixels
-    from vlrm_plugins.shapes_itm import train_itm
+    from vlrm_shapes.build import pixels
+    from vlrm_shapes.itm import train_itm
 
     world = ShapesWorld(0)
     captioner = Blip2ForConditionalGeneration.from_pretrained(str(SHIPPED / "captioner"))
@@ -112,13 +112,13 @@ def test_shapes_reward_itm_loads_a_built_world(trained, tmp_path):
 
 
 def test_registered_as_a_reward():
-    from vlrm_plugins import shapes_itm
+    from vlrm_shapes import itm as shapes_itm
 
     assert shapes_itm.vlrm_register_rewards() == {"shapes_itm": shapes_reward_itm}
 
 
 def test_build_itm_from_random_weights_records_itself_in_build_json(tmp_path):
-    from vlrm_plugins.shapes_itm import build_itm
+    from vlrm_shapes.itm import build_itm
 
     world = tmp_path / "world"
     world.mkdir()
@@ -135,8 +135,8 @@ def test_build_itm_from_random_weights_records_itself_in_build_json(tmp_path):
 
 
 def test_the_shipped_itm_pays_for_saying_more():
-    from vlrm_plugins.shapes_build import pixels, vision_features
-    from vlrm_plugins.shapes_itm import evaluate_itm
+    from vlrm_shapes.build import pixels, vision_features
+    from vlrm_shapes.itm import evaluate_itm
 
     reward = shapes_reward_itm()
     world = ShapesWorld(0)
@@ -149,8 +149,8 @@ def test_the_shipped_itm_pays_for_saying_more():
 
 
 def test_train_itm_rejects_a_share_outside_zero_one(tmp_path):
-    from vlrm_plugins.shapes_build import pixels
-    from vlrm_plugins.shapes_itm import train_itm
+    from vlrm_shapes.build import pixels
+    from vlrm_shapes.itm import train_itm
 
     world = ShapesWorld(0)
     images = pixels([world.image("train", i) for i in range(4)])

@@ -1,7 +1,7 @@
 import pytest
 
 from vlrm.errors import ConfigError
-from vlrm_plugins.shapes_world import (COLOURS, SHAPES, SIZES, Parsed, ShapesImages, ShapesWorld,
+from vlrm_shapes.world import (COLOURS, SHAPES, SIZES, Parsed, ShapesImages, ShapesWorld,
                                        ShapesCaptionStats, Stated, Thing, describe, judge, parse,
                                        parse_image_id, repeats_beyond_scene)
 

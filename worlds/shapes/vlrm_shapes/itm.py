@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
 from vlrm_plugins.blip2_itm_reward import Blip2ItmReward, blip2_itm_reward
-from vlrm_plugins.shapes_build import (optimise, captioner_config, pixels, vision_features,
+from vlrm_shapes.build import (optimise, captioner_config, pixels, vision_features,
                                        word_tokenizer)
-from vlrm_plugins.shapes_world import (COLOURS, SHAPES, SIZES, ShapesWorld, Thing, describe, parse,
+from vlrm_shapes.world import (COLOURS, SHAPES, SIZES, ShapesWorld, Thing, describe, parse,
                                        weights_dir)
 
 FULL_SHARE = 0.7  # positives that are full captions; the rest are partial captions
@@ -239,7 +239,7 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
     """
     from transformers import Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessor
 
-    from vlrm_plugins.blip2_opt import _quiet_transformers
+    from vlrm_plugins.hf_common import quiet_transformers
 
     if len(images) < 2:
         raise ConfigError(f"train_itm needs at least 2 training images, got {len(images)}")
@@ -300,13 +300,13 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
                                    recall_images=recall_images, seed=seed))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(str(out))
         processor.save_pretrained(str(out))
     return record
 
 
-def build_itm(weights: str = "plugins/shapes_weights", steps: int = 1500, seed: int = 5,
+def build_itm(weights: str = "worlds/shapes/vlrm_shapes/weights", steps: int = 1500, seed: int = 5,
               train_images: int = 12000, init_from_captioner: bool = True, progress: bool = True,
               **kwargs: Any) -> dict[str, Any]:
     """Train the ITM model of a built world into ``<weights>/itm``, recorded in ``build.json``.
@@ -328,7 +328,7 @@ def build_itm(weights: str = "plugins/shapes_weights", steps: int = 1500, seed: 
     """
     from transformers import Blip2ForConditionalGeneration
 
-    from vlrm_plugins.blip2_opt import _quiet_transformers
+    from vlrm_plugins.hf_common import quiet_transformers
 
     if train_images < 64:
         raise ConfigError(f"shapes ITM train_images must be >= 64, got {train_images}")
@@ -336,7 +336,7 @@ def build_itm(weights: str = "plugins/shapes_weights", steps: int = 1500, seed: 
     folder = weights_dir(weights)
     record = json.loads((folder / "build.json").read_text())
     world = ShapesWorld(record["seed"])
-    with _quiet_transformers():
+    with quiet_transformers():
         captioner = Blip2ForConditionalGeneration.from_pretrained(str(folder / "captioner"))
     vision_state = {k: v.clone() for k, v in captioner.vision_model.state_dict().items()}
     images = pixels([world.image("train", i) for i in range(train_images)])
@@ -354,7 +354,7 @@ def shapes_reward_itm(weights: str | None = None, scale: float = 1.0) -> Blip2It
     folder = weights_dir(weights) / "itm"
     if not folder.is_dir():
         raise ConfigError(f"the built shapes world {str(folder.parent)!r} has no itm/ model; train "
-                          "one with vlrm_plugins.shapes_itm.build_itm")
+                          "one with vlrm_shapes.itm.build_itm")
     return blip2_itm_reward(str(folder), scale=scale)
 
 

@@ -29,7 +29,7 @@ import torch
 from attrs import frozen
 
 from vlrm.errors import ConfigError
-from vlrm_plugins.shapes_world import COLOURS, SHAPES, SIZES, ShapesImages
+from vlrm_shapes.world import COLOURS, SHAPES, SIZES, ShapesImages
 
 SUMMARY_KEYS = ("clip_recall/r1", "clip_recall/r5", "clip_recall/mrr", "reward_clip/r1",
                 "caption/length", "caption/colour_words", "caption/grammar_rate",
@@ -107,7 +107,7 @@ def run_demo(policy: Any, reward: Any, data: Any, trainer_config: Any, output_di
     from vlrm.evaluation import CaptionSet, run_evaluators
     from vlrm.report import GalleryItem, write_report
     from vlrm.trainer import Trainer
-    from vlrm_plugins.shapes_world import ShapesCaptionStats, shapes_clip_recall
+    from vlrm_shapes.world import ShapesCaptionStats, shapes_clip_recall
 
     output_dir.mkdir(parents=True, exist_ok=True)
     test = ShapesImages("test", seed=settings.world_seed, num_images=settings.test_images)
@@ -180,10 +180,10 @@ def _demo_parser() -> Any:
 def demo_main(argv: list[str]) -> int:
     from attrs import evolve
 
-    from vlrm.cli import EXIT_CONFIG, _config_files
+    from vlrm.cli import EXIT_CONFIG, config_files
 
     parser = _demo_parser()
-    parser.config_files = _config_files(argv)
+    parser.config_files = config_files(argv)
     cfg = parser.parse_args(argv)
     try:
         init = parser.instantiate(cfg)
@@ -248,7 +248,7 @@ def sweep_table(results: dict[str, dict[str, Any]], keys: Sequence[str] = SWEEP_
 
 def sweep_main(argv: list[str]) -> int:
     """``vlrm-shapes sweep --config C [--seeds 0 1 2] [--ablations ...] --output_dir D [overrides]``,
-    or with ``--objectives a2c grpo ...``: every estimator x seed (``shapes_sweep``)."""
+    or with ``--objectives a2c grpo ...``: every estimator x seed (``vlrm_shapes.sweep``)."""
     import argparse
 
     from vlrm.cli import EXIT_CONFIG
@@ -298,7 +298,7 @@ def sweep_main(argv: list[str]) -> int:
 
 def _objective_sweep(args: Any, demo_args: list[str]) -> int:
     from vlrm.cli import EXIT_CONFIG
-    from vlrm_plugins.shapes_sweep import estimator_table, sweep_objectives, write_doc
+    from vlrm_shapes.sweep import estimator_table, sweep_objectives, write_doc
 
     out = Path(args.output_dir)
     try:
@@ -327,10 +327,10 @@ def _objective_sweep(args: Any, demo_args: list[str]) -> int:
 def build_main(argv: list[str], command: str = "build") -> int:
     from jsonargparse import ActionConfigFile
 
-    from vlrm.cli import EXIT_CONFIG, _config_files, new_parser
-    from vlrm_plugins.shapes_build import build_world, continue_captioner
-    from vlrm_plugins.shapes_itm import build_itm
-    from vlrm_plugins.shapes_llava import build_llava
+    from vlrm.cli import EXIT_CONFIG, config_files, new_parser
+    from vlrm_shapes.build import build_world, continue_captioner
+    from vlrm_shapes.itm import build_itm
+    from vlrm_shapes.llava import build_llava
 
     function, about = {
         "build": (build_world, "Train the shapes world's models from scratch."),
@@ -341,7 +341,7 @@ def build_main(argv: list[str], command: str = "build") -> int:
     parser = new_parser(f"vlrm-shapes {command}", about)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
     parser.add_function_arguments(function)
-    parser.config_files = _config_files(argv)
+    parser.config_files = config_files(argv)
     cfg = parser.parse_args(argv)
     try:
         args = cfg.as_dict()

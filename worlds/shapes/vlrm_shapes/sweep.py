@@ -173,7 +173,7 @@ def sweep_objectives(objectives: Sequence[str], seeds: Sequence[int], demo_args:
             kept = json.loads(done.read_text())
             return name, seed, run_record(run_dir, kept["wall_s"], kept["peak_mib"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "vlrm_plugins.shapes_demo", "demo", *demo_args,
+        command = [sys.executable, "-m", "vlrm_shapes.demo", "demo", *demo_args,
                    "--config", str(fragments[name]), f"--seed={seed}",
                    f"--output_dir={run_dir}", "--trainer.progress=false"]
         sys.stderr.write(f"vlrm-shapes sweep: {name} seed {seed} ({threads} thread(s))\n")

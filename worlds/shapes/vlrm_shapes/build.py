@@ -12,7 +12,7 @@
    colours and sizes out, the shortcoming VLRM's RL is meant to fix. Style conditioning
    (``train_captioner``) makes its language model follow the image prefix's style, so the
    Q-Former, all that RL trains, can steer it;
-4. the ITM reward model (``shapes_itm.build_itm``) on the captioner's frozen vision encoder.
+4. the ITM reward model (``vlrm_shapes.itm.build_itm``) on the captioner's frozen vision encoder.
 
 Everything is written under ``out_dir`` in the formats the real loaders read (``local-dir:``
 open_clip folders, a transformers directory), with ``build.json`` recording the settings.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlrm.errors import ConfigError
-from vlrm_plugins.shapes_world import SHAPES, ShapesWorld
+from vlrm_shapes.world import SHAPES, ShapesWorld
 
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # open_clip's OpenAI
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
@@ -348,7 +348,7 @@ def train_world_clips(seed: int, train_images: int, out_dir: str, reward_clip_st
                                      desc="judge clip")}
 
 
-def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_images: int = 12000,
+def build_world(out_dir: str = "worlds/shapes/vlrm_shapes/weights", seed: int = 0, train_images: int = 12000,
                 reward_clip_steps: int = 1500, judge_clip_steps: int = 1500,
                 vision_steps: int = 2000, captioner_steps: int = 3000,
                 captioner_style_dropout: float = 0.5, itm_steps: int = 1500,
@@ -366,10 +366,10 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
         captioner_steps: Cross-entropy steps of the captioner.
         captioner_style_dropout: Share of captions trained with a style vector (see
             ``train_captioner``).
-        itm_steps: Steps of the ITM reward model (``shapes_itm.build_itm``); 0 = none.
+        itm_steps: Steps of the ITM reward model (``vlrm_shapes.itm.build_itm``); 0 = none.
         llava_vision_steps: Contrastive steps of the LLaVA-style captioner's vision tower.
         llava_steps: Cross-entropy steps of the LLaVA-style captioner
-            (``shapes_llava.build_llava``); 0 = no second captioner.
+            (``vlrm_shapes.llava.build_llava``); 0 = no second captioner.
         workers: 2 trains the two CLIPs in a second process beside the captioner's vision
             encoder and captioner, one torch thread each; 1 runs every stage in turn [ours: 2,
             for a 2-core CPU; the stages share nothing, so the models are the same either way
@@ -408,13 +408,13 @@ def build_world(out_dir: str = "plugins/shapes_weights", seed: int = 0, train_im
     record["build_seconds"] = round(time.perf_counter() - start, 1)
     (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     if itm_steps:  # 4. the ITM reward model, on the captioner's frozen vision encoder
-        from vlrm_plugins.shapes_itm import build_itm
+        from vlrm_shapes.itm import build_itm
 
         held_out = min(500, train_images)
         record = build_itm(str(out), steps=itm_steps, seed=seed + 5, train_images=train_images,
                            progress=progress, eval_images=held_out, recall_images=held_out)
     if llava_steps:  # 5. the second captioner family, LLaVA-style
-        from vlrm_plugins.shapes_llava import build_llava
+        from vlrm_shapes.llava import build_llava
 
         build_llava(str(out), vision_steps=llava_vision_steps, steps=llava_steps, seed=seed + 21,
                     style_dropout=captioner_style_dropout, train_images=train_images,
@@ -433,7 +433,8 @@ def _build_captioner(record: dict[str, Any], out: Path, seed: int, images: torch
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
-    from vlrm_plugins.blip2_opt import Blip2OptPolicy, _quiet_transformers
+    from vlrm_plugins.blip2_opt import Blip2OptPolicy
+    from vlrm_plugins.hf_common import quiet_transformers
 
     world = ShapesWorld(seed)
     # 2. the captioner's vision encoder, pretrained contrastively, then frozen
@@ -453,12 +454,12 @@ def _build_captioner(record: dict[str, Any], out: Path, seed: int, images: torch
     features = vision_features(policy.model.vision_model, images)
     record["captioner"] = train_captioner(policy, world, features, captioner_steps, seed=seed + 4,
                                           style_dropout=style_dropout, progress=progress)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(str(out / "captioner"))
         processor.save_pretrained(str(out / "captioner"))
 
 
-def continue_captioner(weights: str = "plugins/shapes_weights", steps: int = 1500, lr: float = 5e-4,
+def continue_captioner(weights: str = "worlds/shapes/vlrm_shapes/weights", steps: int = 1500, lr: float = 5e-4,
                        seed: int = 12, style_dropout: float = 0.5, train_images: int = 12000,
                        progress: bool = True) -> dict[str, Any]:
     """More cross-entropy rounds for a built captioner, in place, recorded in ``build.json``.
@@ -474,8 +475,9 @@ def continue_captioner(weights: str = "plugins/shapes_weights", steps: int = 150
         train_images: Training images rendered (the build's first ones).
         progress: Show a progress bar.
     """
-    from vlrm_plugins.blip2_opt import _quiet_transformers, blip2_opt
-    from vlrm_plugins.shapes_world import weights_dir
+    from vlrm_plugins.blip2_opt import blip2_opt
+    from vlrm_plugins.hf_common import quiet_transformers
+    from vlrm_shapes.world import weights_dir
 
     folder = weights_dir(weights)
     record = json.loads((folder / "build.json").read_text())
@@ -486,7 +488,7 @@ def continue_captioner(weights: str = "plugins/shapes_weights", steps: int = 150
     features = vision_features(policy.model.vision_model, images)
     fit = train_captioner(policy, world, features, steps, lr=lr, seed=seed,
                           style_dropout=style_dropout, progress=progress)
-    with _quiet_transformers():
+    with quiet_transformers():
         policy.model.save_pretrained(str(folder / "captioner"))
     record.setdefault("captioner_rounds", []).append(
         {**fit, "lr": lr, "seed": seed, "train_images": train_images})

@@ -323,7 +323,7 @@ def vlrm_register_datasets() -> dict[str, Any]:
     return {"shapes": ShapesImages}
 
 
-WEIGHTS = Path(__file__).parent / "shapes_weights"
+WEIGHTS = Path(__file__).parent / "weights"
 
 
 def weights_dir(path: str | None = None) -> Path:
@@ -419,7 +419,7 @@ def vlrm_register_evaluators() -> dict[str, Any]:
 
 def shapes_command(argv: list[str]) -> int:
     """The shapes world: build, demo, sweep, continue, itm, llava (vlrm-shapes)."""
-    from vlrm_plugins.shapes_demo import main
+    from vlrm_shapes.demo import main
 
     return main(argv)
 

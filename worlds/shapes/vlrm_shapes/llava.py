@@ -9,7 +9,7 @@ then frozen. The projector and the language model learn the world's biased capti
 cross-entropy; the RL demo then trains the projector alone
 (``configs/shapes/llava_rs.yaml``) through the generic ``hf_captioner`` policy.
 
-As for the BLIP-2 captioner (``shapes_build.train_captioner``), on a random share of each
+As for the BLIP-2 captioner (``vlrm_shapes.build.train_captioner``), on a random share of each
 batch a learned vector of the caption's style is added to the projected image tokens, so the
 language model learns to take the caption's style from its image prefix, which the
 projector (all RL trains) can then steer.
@@ -27,9 +27,9 @@ from torch import nn
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
 from vlrm_plugins.hf_captioner import HFCaptionerPolicy, hf_captioner
-from vlrm_plugins.shapes_build import (caption_kinds, optimise, pixels, pretrain_vision,
+from vlrm_shapes.build import (caption_kinds, optimise, pixels, pretrain_vision,
                                        word_tokenizer)
-from vlrm_plugins.shapes_world import ShapesWorld, weights_dir
+from vlrm_shapes.world import ShapesWorld, weights_dir
 
 FOLDER = "llava_captioner"
 PROMPT = "<image> <s>"  # the patches, then BOS: the caption follows
@@ -114,7 +114,7 @@ def train_llava_captioner(model: Any, tokenizer: Any, world: ShapesWorld, featur
     return {**fit, "style_dropout": style_dropout}
 
 
-def build_llava(weights: str = "plugins/shapes_weights", vision_steps: int = 1000,
+def build_llava(weights: str = "worlds/shapes/vlrm_shapes/weights", vision_steps: int = 1000,
                 steps: int = 4000, lr: float = 1e-3, seed: int = 21, style_dropout: float = 0.5,
                 train_images: int = 12000, progress: bool = True) -> dict[str, Any]:
     """Build the LLaVA-style captioner into ``<weights>/llava_captioner`` and record it in
