@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.presets import PRESETS, build_preset  # noqa: E402
+from benchmarks.timing import sync  # noqa: E402
 
 RESULTS: list[dict[str, Any]] = []
 
@@ -66,17 +67,12 @@ def preset(preset_name: str) -> Any:
     return _BUILT[preset_name]
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _timed(fn: Callable[[], Any], into: list[float]) -> Callable[[], Any]:
     def run() -> Any:
-        _sync()
+        sync()
         start = time.perf_counter()
         out = fn()
-        _sync()
+        sync()
         into.append(time.perf_counter() - start)
         return out
     return run

@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.presets import PRESETS, build_preset, with_images
 from benchmarks.steps import vlrm_grpo_step, vlrm_step
+from benchmarks.timing import emit
 
 #: Phases in the order a step runs them; nested ones are indented in the table.
 PHASES = ("vlrm.sample", "  vlrm.prefill", "  vlrm.decode", "vlrm.reward", "vlrm.prepare",
@@ -96,12 +97,7 @@ def main(argv: list[str] | None = None) -> str:
         walls, phases, prof = profile_steps(step, args.steps)
     title = (f"{args.objective.upper()} step, `{args.preset}` preset, {len(preset.images)} images x "
              f"{preset.samples_per_image} captions, torch threads {torch.get_num_threads()}")
-    text = markdown(title, walls, phases, prof)
-    print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
-    return text
+    return emit(markdown(title, walls, phases, prof), args.md)
 
 
 if __name__ == "__main__":

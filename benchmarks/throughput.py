@@ -27,13 +27,9 @@ import torch
 
 from benchmarks.presets import PRESETS, build_preset, with_images
 from benchmarks.steps import vlrm_grpo_step, vlrm_step
+from benchmarks.timing import emit, sync
 
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def peak_mib() -> float:
@@ -76,10 +72,10 @@ def measure(preset: Any, impl: str, steps: int, peak_tflops: float | None) -> di
                 torch.cuda.reset_peak_memory_stats()
             seconds, tokens = [], []
             for _ in range(steps):
-                _sync()
+                sync()
                 start = time.perf_counter()
                 metrics = step()
-                _sync()
+                sync()
                 seconds.append(time.perf_counter() - start)
                 tokens.append(metrics["caption/tokens"] * n * k)
             row["step_s"] = statistics.median(seconds)
@@ -132,11 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"CPU ({torch.get_num_threads()} threads)"
     rows = [measure(preset, impl, args.steps, peak) for impl in args.impl]
-    text = markdown(rows, args.preset, device)
-    print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
+    emit(markdown(rows, args.preset, device), args.md)
     return rows
 
 
