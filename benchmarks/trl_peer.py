@@ -1,4 +1,5 @@
-"""The peer: TRL's ``GRPOTrainer`` on a preset's BLIP-2 OPT, as a user would run it instead of vlrm.
+"""The peer: TRL's ``GRPOTrainer`` on a preset's captioner (BLIP-2 OPT, or a LLaVA-style model
+through the generic ``hf_captioner`` policy), as a user would run it instead of vlrm.
 
 Both sides get the same model weights (a copy), the same trainable parts (Q-Former, query
 tokens, language projection), the same images, N images x K captions a step, the same
@@ -41,6 +42,34 @@ WORKAROUNDS = (
     "in-memory model: beta = 0 on both sides",
     "disable_dropout=True, else TRL samples and scores with dropout on",
 )
+
+
+#: What TRL needs for a LLaVA-style ``LlavaForConditionalGeneration`` (the generic
+#: ``hf_captioner`` policy): its own chat template and processor work as they are.
+LLAVA_WORKAROUNDS = (
+    "prompts must be conversational ([{'role': 'user', 'content': [image, text]}], images in an "
+    "'image' column); completions come back as assistant messages",
+    "beta > 0 (a KL term) reloads a second full model from the model's path, impossible for an "
+    "in-memory model: beta = 0 on both sides",
+    "disable_dropout=True, else TRL samples and scores with dropout on",
+)
+
+
+#: For a processor without a chat template (encoder-decoder captioners): the prompt's text.
+TEXT_ONLY_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}"
+                      "{% else %}{% for item in m['content'] %}{% if item['type'] == 'text' %}"
+                      "{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}")
+
+
+def workarounds(policy: Any) -> tuple[str, ...]:
+    """The workarounds TRL needs for this policy's model family."""
+    return WORKAROUNDS if _is_blip2(policy) else LLAVA_WORKAROUNDS
+
+
+def _is_blip2(policy: Any) -> bool:
+    from vlrm_plugins.blip2_opt import Blip2OptPolicy
+
+    return isinstance(policy, Blip2OptPolicy)
 
 
 def trl_available() -> str | None:
@@ -100,7 +129,7 @@ def _with_log_probs(model: Any) -> None:
 
 
 class TrlGrpoPeer:
-    """TRL's GRPO trainer set up on a preset's BLIP-2 OPT (see the module docstring).
+    """TRL's GRPO trainer set up on a preset's policy (see the module docstring).
 
     Args:
         preset: A ``benchmarks.presets.Preset``.
@@ -119,10 +148,19 @@ class TrlGrpoPeer:
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
         policy = preset.policy
+        blip2 = _is_blip2(policy)
+        self.workarounds = workarounds(policy)
         n, k = len(preset.images), preset.samples_per_image
-        self.model = copy.deepcopy(policy.model)  # its requires_grad flags: the paper's parts
+        self.model = copy.deepcopy(policy.model)  # its requires_grad flags: the trained parts
         processor = copy.deepcopy(policy.processor)
-        processor.chat_template = "{{ bos_token }}"  # workaround 1
+        if blip2:
+            processor.chat_template = "{{ bos_token }}"  # workaround 1
+            prompt: list[dict[str, Any]] = [{"role": "user", "content": ""}]  # workaround 2
+        else:  # the captioner's own prompt after the image, through its own chat template
+            prompt = [{"role": "user", "content": [{"type": "image"},
+                                                   {"type": "text", "text": policy.prompt or ""}]}]
+            if not getattr(processor, "chat_template", None):  # (encoder-decoder captioners)
+                processor.chat_template = TEXT_ONLY_TEMPLATE
         itm, bad, repeat = preset.itm, BadPhrasePenalty(), RepetitionPenalty()
 
         def itm_reward(completions: list[Any], image: list[Any], image_id: list[str],
@@ -143,7 +181,7 @@ class TrlGrpoPeer:
             return penalty_scores(repeat, [c[0]["content"] for c in completions])
 
         data = Dataset.from_dict({
-            "prompt": [[{"role": "user", "content": ""}] for _ in range(n)],  # workaround 2
+            "prompt": [prompt for _ in range(n)],
             "image": list(preset.images), "image_id": list(preset.image_ids)})
         self.config = GRPOConfig(
             output_dir=output_dir, per_device_train_batch_size=n * k, num_generations=k,
@@ -160,7 +198,8 @@ class TrlGrpoPeer:
             self.trainer = GRPOTrainer(model=self.model, args=self.config, train_dataset=data,
                                        reward_funcs=[itm_reward, bad_phrase, repetition],
                                        processing_class=processor)
-        _with_log_probs(self.trainer.model)  # workaround 3, after the trainer is built
+        if blip2:
+            _with_log_probs(self.trainer.model)  # workaround 3, after the trainer is built
 
     def run(self, rounds: int, between: Callable[[], Any] | None = None
             ) -> tuple[list[float], list[float]]:
