@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile --preset small --images 16 --objective grpo
     python -m benchmarks.profile --preset small --objective a2c --md profile.md
+    python -m benchmarks.profile --preset small --captioner llava --images 8
 
 The trainer and sampler mark their phases with ``record_function`` (``vlrm.sample`` =
 ``vlrm.prefill`` + ``vlrm.decode`` + the vision tower and caption decoding, ``vlrm.reward``
@@ -20,10 +21,11 @@ import tempfile
 import time
 from typing import Any
 
+import attrs
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.presets import PRESETS, build_preset, with_images
+from benchmarks.presets import PRESETS, build_preset, long_prompt_captioner, with_images
 from benchmarks.steps import vlrm_grpo_step, vlrm_step
 from benchmarks.timing import emit
 
@@ -85,17 +87,23 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--objective", choices=("grpo", "a2c"), default="grpo")
+    parser.add_argument("--captioner", choices=("blip2", "llava"), default="blip2",
+                        help="the preset's BLIP-2 OPT, or the LLaVA-style long-prompt captioner "
+                             "(presets.long_prompt_captioner) [blip2]")
     parser.add_argument("--images", type=int, default=None, help="N images a step [the preset's]")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps [3]")
     parser.add_argument("--md", default=None, help="also write the table here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     preset = with_images(build_preset(args.preset), args.images)
+    if args.captioner == "llava":
+        preset = attrs.evolve(preset, policy=long_prompt_captioner(args.preset))
     with tempfile.TemporaryDirectory() as tmp:
         step = (vlrm_grpo_step if args.objective == "grpo" else vlrm_step)(preset, tmp)
         step()  # warm-up
         walls, phases, prof = profile_steps(step, args.steps)
-    title = (f"{args.objective.upper()} step, `{args.preset}` preset, {len(preset.images)} images x "
+    title = (f"{args.objective.upper()} step, `{args.preset}` preset ({args.captioner}), "
+             f"{len(preset.images)} images x "
              f"{preset.samples_per_image} captions, torch threads {torch.get_num_threads()}")
     return emit(markdown(title, walls, phases, prof), args.md)
 
