@@ -95,3 +95,20 @@ def test_plugin_flags_before_the_command_choose_the_plugins(capsys):
 def test_the_shapes_world_adds_its_command_through_the_hook(capsys):
     assert main(["shapes"]) == 2  # no subcommand: its usage, as vlrm-shapes
     assert "usage: vlrm-shapes {build,continue,itm,llava,demo,sweep}" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2_with_one_paragraph_in_every_builtin_command(capsys):
+    """The commands without a config (export, plugins) fail as run and eval do: exit 2, one
+    paragraph naming the command, no usage dump, no traceback."""
+    for argv, says in ((["export", "run_dir", "--bogus"], "unrecognized arguments: --bogus"),
+                       (["export"], "the following arguments are required: checkpoint"),
+                       (["plugins", "--bogus"], "unrecognized arguments: --bogus"),
+                       (["run", "--bogus"], "bogus")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, argv
+        lines = err.strip().splitlines()  # one paragraph: the error, then where to look
+        assert says in lines[0] and len(lines) == 2 and "--help" in lines[1], (argv, err)
+        assert "usage:" not in err
+        assert "Traceback" not in err

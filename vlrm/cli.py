@@ -7,7 +7,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from vlrm.errors import ConfigError
 
@@ -89,6 +89,19 @@ def config_files(argv: list[str]) -> list[str]:
     """The files given with --config, to name them in error messages."""
     files = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
     return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def plain_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """An ``argparse`` parser (for the commands without a config) that fails as the config
+    commands do: one paragraph on stderr, exit 2."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            sys.stderr.write(f"{self.prog}: error: {message}\n"
+                             f"Run `{self.prog} --help` for the options.\n")
+            raise SystemExit(EXIT_CONFIG)
+
+    return Parser(prog=prog, description=description)
 
 
 def new_parser(prog: str, description: str) -> Any:
@@ -300,7 +313,7 @@ def plugins(argv: list[str] | None = None) -> int:
     one's init arguments."""
     from vlrm.plugins import KINDS, PluginError, get_registry, init_arguments, take_plugin_flags
 
-    parser = argparse.ArgumentParser(prog="vlrm-plugins", description=plugins.__doc__)
+    parser = plain_parser("vlrm-plugins", plugins.__doc__)
     parser.add_argument("names", nargs="*", help="Components to show with their init arguments.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     parser.add_argument("--plugins", help="Load only these plugins (comma-separated; VLRM_PLUGINS).")

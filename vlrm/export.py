@@ -13,7 +13,6 @@ LoRA adapters folded into OPT (a delta cannot carry them).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -89,9 +88,11 @@ def export(checkpoint: str | Path, delta: str | Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="vlrm-export",
-        description="Export a vlrm run's BLIP-2 policy as the VLRM authors' delta format "
+    from vlrm.cli import plain_parser
+
+    parser = plain_parser(
+        "vlrm-export",
+        "Export a vlrm run's BLIP-2 policy as the VLRM authors' delta format "
                     "(Q-Former + query tokens + language projection) and/or a merged "
                     "transformers directory with LoRA folded in.")
     parser.add_argument("checkpoint", help="A run's output_dir (uses checkpoints/last), a "

@@ -249,11 +249,9 @@ def sweep_table(results: dict[str, dict[str, Any]], keys: Sequence[str] = SWEEP_
 def sweep_main(argv: list[str]) -> int:
     """``vlrm-shapes sweep --config C [--seeds 0 1 2] [--ablations ...] --output_dir D [overrides]``,
     or with ``--objectives a2c grpo ...``: every estimator x seed (``vlrm_shapes.sweep``)."""
-    import argparse
+    from vlrm.cli import EXIT_CONFIG, plain_parser
 
-    from vlrm.cli import EXIT_CONFIG
-
-    parser = argparse.ArgumentParser(prog="vlrm-shapes sweep", description=(
+    parser = plain_parser("vlrm-shapes sweep", (
         "Run the demo once per seed and once per ablation; write sweep.json and sweep.md. "
         "With --objectives: once per estimator and seed, side by side (estimators.md)."))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
