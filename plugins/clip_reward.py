@@ -1,8 +1,16 @@
-"""CLIP similarity reward on open_clip: sim(image, caption) = scale * cosine similarity.
+"""CLIP similarity reward on open_clip: sim(image, caption) = scale * cosine similarity, or,
+for a SigLIP model, its own match probability.
 
 Any open_clip model works: a built-in name with a pretrained tag (``ViT-L-14`` +
-``openai``), ``hf-hub:org/repo``, or ``local-dir:/path`` (a folder with
-``open_clip_config.json`` and weights). Image embeddings are computed once per image and
+``openai``; ``ViT-B-16-SigLIP`` + ``webli``), ``hf-hub:org/repo``, or ``local-dir:/path`` (a
+folder with ``open_clip_config.json`` and weights).
+
+``score`` chooses the number: ``cosine`` (default; any model) or ``sigmoid``, SigLIP's own
+pairwise probability sigmoid(exp(t) * cosine + b) with the model's learned logit scale t and
+bias b (only models trained with the sigmoid loss have a bias; asking it of a CLIP is an
+error). The cosine ranks captions exactly as the sigmoid does for one image; the sigmoid is
+bounded in (0, 1) and flattens near 0 and 1, so it changes how rewards compare across images
+and how far apart a group's captions score. Image embeddings are computed once per image and
 reused by the K captions of that image and, through a bounded cache keyed by image id, by
 later steps.
 """
@@ -10,6 +18,7 @@ later steps.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +32,9 @@ from vlrm.errors import ConfigError
 from vlrm.structs import RewardOutput, Rollout
 
 
+SCORES = ("cosine", "sigmoid")
+
+
 class ClipReward:
     """Cosine similarity between an image and its caption under a CLIP model.
 
@@ -33,16 +45,24 @@ class ClipReward:
         model: An open_clip CLIP model.
         preprocess: Its image transform (PIL image -> tensor).
         tokenizer: Its open_clip tokenizer.
-        scale: Multiplies the cosine similarity.
+        scale: Multiplies the score.
         cache_size: Image embeddings kept between steps (0 = no cache).
+        score: ``cosine``, or ``sigmoid`` (SigLIP models: see the module docstring).
     """
 
     def __init__(self, model: Any, preprocess: Any, tokenizer: Any, scale: float = 1.0,
-                 cache_size: int = 10_000) -> None:
+                 cache_size: int = 10_000, score: str = "cosine") -> None:
+        if score not in SCORES:
+            raise ConfigError(f"CLIP reward: score {score!r} is not one of {', '.join(SCORES)}")
+        if score == "sigmoid" and getattr(model, "logit_bias", None) is None:
+            raise ConfigError(f"CLIP reward: score 'sigmoid' needs a SigLIP model (one with a "
+                              f"learned logit bias); {type(model).__name__} has none: use "
+                              "score: cosine")
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.scale = scale
+        self.score = score
         self._cache = EmbeddingCache(cache_size)
         for param in self.model.parameters():
             param.requires_grad_(False)
@@ -83,7 +103,11 @@ class ClipReward:
     def __call__(self, rollout: Rollout) -> RewardOutput:
         images = self.embed_images(rollout.images, rollout.image_ids)
         texts = self.embed_texts(rollout.captions)
-        sim = (texts * images[rollout.group.to(self.device)]).sum(-1) * self.scale
+        sim = (texts * images[rollout.group.to(self.device)]).sum(-1)
+        if self.score == "sigmoid":
+            sim = torch.sigmoid(self.model.logit_scale.exp().float() * sim
+                                + self.model.logit_bias.float())
+        sim = sim * self.scale
         truncated = self.truncated(rollout.captions).float().mean().item()
         return RewardOutput(sequence=sim.cpu(), metrics={"truncated": truncated})
 
@@ -128,8 +152,9 @@ def clip_reward(
     device: str = "cpu",
     scale: float = 1.0,
     cache_size: int = 10_000,
+    score: str = "cosine",
 ) -> ClipReward:
-    """Build a CLIP reward from open_clip's model zoo, the hub, or a local directory.
+    """Build a CLIP (or SigLIP) reward from open_clip's model zoo, the hub, or a local directory.
 
     Args:
         model_name: open_clip name (``ViT-L-14``), ``hf-hub:org/repo`` or ``local-dir:PATH``.
@@ -137,8 +162,9 @@ def clip_reward(
             ``local-dir:`` name.
         precision: fp32, fp16, bf16 (open_clip precision names).
         device: Torch device.
-        scale: Multiplies the cosine similarity [ours: 1.0].
+        scale: Multiplies the score [ours: 1.0].
         cache_size: Image embeddings kept between steps.
+        score: ``cosine`` [paper: CLIP similarity], or ``sigmoid`` for a SigLIP model [ours].
     """
     import open_clip
 
@@ -152,7 +178,7 @@ def clip_reward(
         raise ConfigError(
             f"CLIP reward: cannot load open_clip model {model_name!r} (pretrained="
             f"{pretrained!r}): {exc}") from exc
-    return ClipReward(model, preprocess, tokenizer, scale=scale, cache_size=cache_size)
+    return ClipReward(model, preprocess, tokenizer, scale=scale, cache_size=cache_size, score=score)
 
 
 def tiny_clip_config(
@@ -169,6 +195,21 @@ def tiny_clip_config(
     }
 
 
+def tiny_siglip_config(
+    embed_dim: int = 32, width: int = 32, layers: int = 2, image_size: int = 32,
+    context_length: int = 32,
+) -> dict[str, Any]:
+    """A tiny SigLIP-style open_clip config: the tiny CLIP's towers with SigLIP's text tower
+    settings (bidirectional attention, last-token pooling, projection bias) and a learned
+    logit bias (``init_logit_bias: -10``, as open_clip's SigLIP configs), CLIP's BPE vocabulary
+    (SigLIP's own tokenizer would have to be downloaded)."""
+    cfg = tiny_clip_config(embed_dim, width, layers, image_size, context_length)
+    cfg["text_cfg"].update(no_causal_mask=True, pool_type="last", proj_bias=True)
+    cfg["init_logit_bias"] = -10.0
+    cfg["init_logit_scale"] = math.log(10.0)
+    return cfg
+
+
 def save_open_clip_dir(model: Any, model_cfg: dict[str, Any], path: str) -> None:
     """Write a folder that ``local-dir:PATH`` loads: config JSON and safetensors weights."""
     from safetensors.torch import save_file
@@ -182,7 +223,7 @@ def save_open_clip_dir(model: Any, model_cfg: dict[str, Any], path: str) -> None
 def tiny_clip_reward(
     seed: int = 0, embed_dim: int = 32, width: int = 32, layers: int = 2,
     image_size: int = 32, context_length: int = 32, scale: float = 1.0,
-    cache_size: int = 10_000,
+    cache_size: int = 10_000, siglip: bool = False, score: str = "cosine",
 ) -> ClipReward:
     """A random-weight open_clip CLIP for tests, loaded through ``local-dir:`` like a real one.
 
@@ -193,17 +234,20 @@ def tiny_clip_reward(
         layers: Layers of both towers.
         image_size: Input resolution.
         context_length: Text context (real CLIP: 77).
-        scale: Multiplies the cosine similarity.
+        scale: Multiplies the score.
         cache_size: Image embeddings kept between steps (0 = no cache).
+        siglip: A SigLIP-style model (``tiny_siglip_config``) instead of a CLIP.
+        score: ``cosine`` or ``sigmoid`` (SigLIP only).
     """
     import open_clip
 
-    cfg = tiny_clip_config(embed_dim, width, layers, image_size, context_length)
+    make = tiny_siglip_config if siglip else tiny_clip_config
+    cfg = make(embed_dim, width, layers, image_size, context_length)
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)
     with tempfile.TemporaryDirectory() as tmp:
         save_open_clip_dir(model, cfg, tmp)
-        return clip_reward(f"local-dir:{tmp}", scale=scale, cache_size=cache_size)
+        return clip_reward(f"local-dir:{tmp}", scale=scale, cache_size=cache_size, score=score)
 
 
 @hookimpl

@@ -76,3 +76,43 @@ def test_trimmed_text_encoding_equals_full_context(tiny_clip):
         want = tiny_clip.model.encode_text(tokens)
         got = encode_text_trimmed(tiny_clip.model, tokens)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_siglip_model_scores_with_its_own_sigmoid_or_the_cosine(rollout, tmp_path):
+    """A tiny SigLIP built from an open_clip config (bidirectional text tower, last-token
+    pooling, a learned logit bias), saved and loaded through ``local-dir:`` as a real one."""
+    import open_clip
+
+    from vlrm_plugins.clip_reward import tiny_siglip_config
+
+    cfg = tiny_siglip_config()
+    torch.manual_seed(3)
+    saved = open_clip.CLIP(**cfg)
+    with torch.no_grad():  # a bias and scale that put the pairs' probabilities mid-range
+        saved.logit_bias.fill_(-0.5)
+        saved.logit_scale.fill_(2.0)
+    save_open_clip_dir(saved, cfg, str(tmp_path))
+    sigmoid = clip_reward(f"local-dir:{tmp_path}", score="sigmoid", cache_size=0)
+    cosine = clip_reward(f"local-dir:{tmp_path}", cache_size=0)
+    assert sigmoid.model.logit_bias.item() == -0.5  # the model's own, loaded
+    check_reward(sigmoid, rollout)
+    # open_clip's own forward: unit features, exp(logit scale) and the bias
+    model, prep, tok = sigmoid.model, sigmoid.preprocess, sigmoid.tokenizer
+    with torch.no_grad():
+        img, txt, scale, bias = model(torch.stack([prep(i) for i in rollout.images]),
+                                      tok(list(rollout.captions)))
+    cos = (txt * img[rollout.group]).sum(-1)
+    assert torch.allclose(cosine(rollout).sequence, cos, atol=1e-5)
+    probability = sigmoid(rollout).sequence
+    assert torch.allclose(probability, torch.sigmoid(scale * cos + bias), atol=1e-6)
+    assert ((probability > 0) & (probability < 1)).all() and probability.std() > 1e-3
+    # the same order of an image's captions either way (the sigmoid is monotone)
+    first = rollout.group == 0
+    assert torch.equal(probability[first].argsort(), cos[first].argsort())
+
+
+def test_the_sigmoid_score_needs_a_siglip_model(tiny_clip):
+    with pytest.raises(ConfigError, match="score 'sigmoid' needs a SigLIP model.*score: cosine"):
+        ClipReward(tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer, score="sigmoid")
+    with pytest.raises(ConfigError, match="score 'softmax' is not one of cosine, sigmoid"):
+        ClipReward(tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer, score="softmax")
