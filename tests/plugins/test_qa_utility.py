@@ -97,22 +97,32 @@ def test_shapes_world_questions_and_grammar_reader():
     index = next(i for i in range(50) if len(world.scene("test", i)) == 3)
     asked = source.questions(image_id("test", index))
     assert len(asked) == 1 + 3 * 3
-    full, biased = world.full_caption("test", index), world.biased_caption("test", index)
+    full = world.full_caption("test", index)
 
     def share(caption):
         return sum(a == q.answer for a, q in zip(reader.answer(caption, asked), asked)) / len(asked)
 
     assert share(full) == 1.0  # every object with its shape, colour and size, left to right
     scene = world.scene("test", index)
-    assert share(" and ".join(f"a {t.shape}" for t in scene)) == pytest.approx(4 / 10)
+    shapes_only = " and ".join(f"a {t.shape}" for t in scene)  # what the biased captioner says
+    assert share(shapes_only) == pytest.approx(4 / 10)
     assert share("a dog on a beach") == 0.0 and reader.answer("", asked) == [-1] * 10
     wrong = " and ".join(f"a {t.size} {'red' if t.colour != 'red' else 'blue'} {t.shape}"
                          for t in scene)
     assert share(wrong) == pytest.approx(7 / 10)  # every colour wrong
     # as a reward: the images' own ids, check_reward's contract, the share per caption
     ids = [image_id("test", index), image_id("test", index + 1)]
-    rollout = make_rollout([[full, biased], ["a red circle"]],
+    rollout = make_rollout([[full, shapes_only], ["a red circle"]],
                            images=[world.image("test", index), world.image("test", index + 1)])
     rollout = evolve(rollout, image_ids=ids)
     out = check_reward(shapes_qa_utility(0), rollout)
-    assert out.sequence[0].item() == 1.0 and out.sequence[1].item() < 1.0
+    assert out.sequence[:2].tolist() == pytest.approx([1.0, 0.4])
+    assert out.metrics["answered"] < 1.0  # the shapes-only caption leaves colours and sizes out
+
+
+def test_both_rewards_are_registered_for_configs():
+    from vlrm.plugins import get_registry
+
+    rewards = get_registry().components["rewards"]
+    assert rewards["qa_utility"].factory.__module__ == "vlrm_plugins.qa_utility"
+    assert rewards["shapes_qa_utility"].plugin == "shapes_qa"  # the world's own entry point
