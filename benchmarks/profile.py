@@ -72,6 +72,8 @@ def markdown(title: str, walls: list[float], phases: list[dict[str, float]], pro
             order += [r for r in rows if r.startswith("  vlrm.reward.")]
     for row in order:
         name = row.strip()
+        if row.startswith(" ") and not any(name in p for p in phases):
+            continue  # a sub-phase this policy does not mark (generate-based sampling)
         seconds = statistics.median(p.get(name, 0.0) for p in phases)
         label = ("&nbsp;&nbsp;" if row.startswith(" ") else "") + f"`{name}`"
         lines.append(f"| {label} | {seconds:.3f} | {seconds / wall:.0%} |")
