@@ -298,15 +298,19 @@ class HFCaptionerPolicy(nn.Module):
                        generators: Sequence[torch.Generator] | None, greedy: bool = False,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder-only: one prefill of the N prompts, K samples from each image's cache."""
+        from torch.profiler import record_function
+
         rows = torch.arange(len(state), device=self.device).repeat_interleave(k)
-        prefix = self._prefill(state, rows)
+        with record_function("vlrm.prefill"):
+            prefix = self._prefill(state, rows)
 
         def step(drawn: torch.Tensor, t: int) -> torch.Tensor:
             return self._continue(prefix, drawn.unsqueeze(1)).logits[:, -1]
 
-        return decode(prefix.logits.float(), step, k, self.max_new_tokens, self.eos_token_id,
-                      self.pad_token_id, self.temperature, self.top_k, self.top_p,
-                      self.suppressed, generators, greedy)
+        with record_function("vlrm.decode"):
+            return decode(prefix.logits.float(), step, k, self.max_new_tokens, self.eos_token_id,
+                          self.pad_token_id, self.temperature, self.top_k, self.top_p,
+                          self.suppressed, generators, greedy)
 
     def _position_kwargs(self, positions: torch.Tensor, decoding: bool = False) -> dict[str, torch.Tensor]:
         """Explicit positions that skip left padding. Multimodal-rotary models (Qwen2-VL)
