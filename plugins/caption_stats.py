@@ -37,21 +37,31 @@ class CaptionStats:
     Metrics: ``length`` (mean words), ``tokens`` (mean policy tokens, when known),
     ``colour_words`` (mean colour words per caption), ``colour_rate`` (share of captions with
     one), ``distinct1`` / ``distinct2``, ``vocab`` (distinct words), ``bad_phrase_rate`` and
-    ``repetition_rate`` (share of captions the penalties would hit), ``empty_rate``.
+    ``repetition_rate`` (share of captions the penalties would hit), ``empty_rate``,
+    ``objects_mentioned`` and, with references, ``object_recall``.
 
     Args:
         colour_words: The colour lexicon [ours: ``COLOUR_WORDS``].
         phrases: Bad phrases, as for ``BadPhrasePenalty`` [ours: its defaults].
         patterns: Bad-phrase patterns, as for ``BadPhrasePenalty`` [ours: years].
         ngram: Repeated n-gram length, as for ``RepetitionPenalty`` [ours: 3].
+        objects: Also ``objects_mentioned`` (COCO object categories a caption names, by
+            ``vlrm_plugins.chair``'s synonym list) and, where references exist,
+            ``object_recall`` (share of the categories the image's references name that
+            the caption names) [ours: on].
     """
 
     def __init__(self, colour_words: Sequence[str] = tuple(sorted(COLOUR_WORDS)),
                  phrases: Sequence[str] = DEFAULT_PHRASES, patterns: Sequence[str] = (YEAR_PATTERN,),
-                 ngram: int = 3) -> None:
+                 ngram: int = 3, objects: bool = True) -> None:
         self.colours = frozenset(w.lower() for w in colour_words)
         self.bad = BadPhrasePenalty(phrases, patterns)
         self.repeat = RepetitionPenalty(ngram=ngram)
+        self.objects = None
+        if objects:
+            from vlrm_plugins.chair import ObjectMentions
+
+            self.objects = ObjectMentions()
 
     def __call__(self, captions: CaptionSet) -> Mapping[str, Metric]:
         texts = list(captions.captions)
@@ -71,6 +81,16 @@ class CaptionStats:
         }
         if captions.num_tokens is not None:
             out["tokens"] = sum(captions.num_tokens) / n
+        if self.objects is not None:
+            found = [self.objects(t) for t in texts]
+            out["objects_mentioned"] = sum(map(len, found)) / n
+            if captions.references is not None:
+                recall = []
+                for mentioned, refs in zip(found, captions.references):
+                    named = set().union(*(self.objects(r) for r in refs)) if refs else set()
+                    if named:
+                        recall.append(len(mentioned & named) / len(named))
+                out["object_recall"] = sum(recall) / len(recall) if recall else 0.0
         return out
 
 

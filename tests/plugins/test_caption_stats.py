@@ -54,8 +54,24 @@ def test_every_metric_by_hand():
     # repetition: c2 only ("red red")
     assert stats["repetition_rate"] == pytest.approx(1 / 6)
     assert stats["empty_rate"] == pytest.approx(1 / 6)
+    # COCO objects named: c0 car, dog; c1 dog; c2 car; c3 none; c4 bus; c5 dog = 6 over 6
+    assert stats["objects_mentioned"] == pytest.approx(6 / 6)
     assert set(stats) == {"length", "tokens", "colour_words", "colour_rate", "distinct1",
-                          "distinct2", "vocab", "bad_phrase_rate", "repetition_rate", "empty_rate"}
+                          "distinct2", "vocab", "bad_phrase_rate", "repetition_rate", "empty_rate",
+                          "objects_mentioned"}  # no references: no object_recall
+
+
+def test_object_recall_against_the_references():
+    captions = CaptionSet(image_ids=["a", "b", "c"], captions=["a horse", "a dog and a cat", "sky"],
+                          load_image=lambda i: None,
+                          references=[["a man riding a horse", "a person on a horse by a dog"],
+                                      ["a cat"], ["clouds"]])
+    stats = CaptionStats()(captions)
+    # a: refs name person, horse, dog; the caption horse: 1/3. b: refs cat; caption dog, cat: 1/1.
+    # c: refs name no object: left out
+    assert stats["object_recall"] == pytest.approx((1 / 3 + 1) / 2)
+    assert stats["objects_mentioned"] == pytest.approx(3 / 3)
+    assert "objects_mentioned" not in CaptionStats(objects=False)(captions)
 
 
 def test_tokens_absent_without_token_counts():
@@ -132,7 +148,8 @@ def test_only_empty_captions_do_not_crash():
     stats = CaptionStats()(caption_set(["", "  ", "..."], num_tokens=[0, 1, 1]))
     assert stats == {"length": 0, "tokens": pytest.approx(2 / 3), "colour_words": 0,
                      "colour_rate": 0, "distinct1": 0.0, "distinct2": 0.0, "vocab": 0,
-                     "bad_phrase_rate": 0, "repetition_rate": 0, "empty_rate": 1.0}
+                     "bad_phrase_rate": 0, "repetition_rate": 0, "empty_rate": 1.0,
+                     "objects_mentioned": 0.0}
 
 
 def test_no_captions_at_all():

@@ -387,7 +387,7 @@ class ShapesCaptionStats:
         from vlrm_plugins.caption_stats import CaptionStats
 
         self.world = ShapesWorld(seed)
-        self.stats = CaptionStats(ngram=ngram)
+        self.stats = CaptionStats(ngram=ngram, objects=False)  # the world has no COCO objects
 
     def __call__(self, captions: Any) -> dict[str, Any]:
         out = dict(self.stats(captions))
