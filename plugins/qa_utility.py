@@ -215,10 +215,8 @@ class LMReader:
 
     def answer(self, caption: str, questions: Sequence[Question]) -> list[int]:
         logits = self.letter_logits([self.prompt(caption, q) for q in questions])
-        answers = []
-        for row, q in zip(logits, questions):
-            answers.append(int(row[self.letter_ids(len(q.choices))].argmax()))
-        return answers
+        letters = self.letter_ids(max(len(q.choices) for q in questions))  # tokenised once
+        return [int(row[letters[:len(q.choices)]].argmax()) for row, q in zip(logits, questions)]
 
 
 def qa_utility(questions: QuestionSource, reader: Reader, scale: float = 1.0) -> QAUtilityReward:
