@@ -38,9 +38,9 @@ from vlrm.errors import ConfigError, is_real
 from vlrm.sampling import decode, generated_mask, score_tokens, token_logprobs
 from vlrm.structs import PolicyOutput, Rollout
 from vlrm.text import token_char_ends
-from vlrm_plugins.hf_inputs import (DROPPED_KEYS, GENERATED_TOKEN_TYPE, SEQUENCE_KEYS, Prompt,
-                                    first_set, last_hidden, left_pad_cat,
-                                    positions, render_prompt, select_rope_deltas, text_model)
+from vlrm_plugins.hf_inputs import (DROPPED_KEYS, GENERATED_TOKEN_TYPE, SEQUENCE_KEYS, Prefix,
+                                    Prompt, extend, first_set, last_hidden, left_pad_cat,
+                                    position_kwargs, positions, prefill, render_prompt, text_model)
 from vlrm_plugins.hf_common import (LoraSpec, ReferenceSnapshot, add_lora, adapters_disabled,
                                     load_adapters, looks_local, match_names, quiet_transformers,
                                     resolve_lora, save_folder, save_merged_folder, torch_dtype)
@@ -53,19 +53,6 @@ def _in_compute_dtype(method: Any) -> Any:
             return method(self, *args, **kwargs)
 
     return wrapper
-
-
-@attrs.define
-class Prefix:
-    """Each row's prompt, run once per image: the language model's cache (rows selected),
-    the attention mask so far (B, P'), the position of the next token (B, 1), and the logits
-    (B, V) and hidden state (B, H) of the last position fed."""
-
-    cache: Any
-    attention: torch.Tensor
-    next_position: torch.Tensor
-    logits: torch.Tensor
-    hidden: torch.Tensor | None = None
 
 
 @attrs.frozen
@@ -262,37 +249,12 @@ class HFCaptionerPolicy(nn.Module):
 
     def _prefill(self, state: list[dict[str, torch.Tensor]], rows: torch.Tensor,
                  hidden: bool = False) -> Prefix:
-        """Decoder-only: run each image's prompt once, then give every row its image's cache.
-
-        Args:
-            state: The N images' processor inputs.
-            rows: Shape: (B,). The image of each row (sampling: each image K times).
-            hidden: Also return the last prompt position's hidden state (for the value head).
-        """
-        inputs = self.batch(state)
-        attention = inputs["attention_mask"]
-        prompt_positions = positions(attention)
-        out = self.model(**inputs, **self._position_kwargs(prompt_positions), use_cache=True,
-                         output_hidden_states=hidden)
-        # BLIP-2 / InstructBLIP keep the language model's output (and cache) apart
-        cache = getattr(out, "cache", None) or out.language_model_outputs.cache
-        cache.batch_select_indices(rows)
-        select_rope_deltas(self.model, rows)
-        return Prefix(cache=cache, attention=attention[rows],
-                      next_position=prompt_positions[rows, -1:] + 1,
-                      logits=out.logits[rows, -1],
-                      hidden=last_hidden(out, decoder=False)[rows, -1] if hidden else None)
+        """Each image's prompt once, every row given its image's cache (``prefill``)."""
+        return prefill(self.model, self.batch(state), rows, hidden)
 
     def _continue(self, prefix: Prefix, tokens: torch.Tensor, hidden: bool = False) -> Any:
-        """Feed ``tokens`` (B, L) after what the cache holds, through the language model
-        alone (the image is in the cache); returns the model output."""
-        length = tokens.shape[1]
-        prefix.attention = torch.cat([prefix.attention, torch.ones_like(tokens)], dim=1)
-        place = prefix.next_position + torch.arange(length, device=tokens.device)
-        prefix.next_position = prefix.next_position + length
-        return self.text_model(input_ids=tokens, attention_mask=prefix.attention, cache=prefix.cache,
-                               use_cache=True, output_hidden_states=hidden,
-                               **self._position_kwargs(place, decoding=True))
+        """``tokens`` (B, L) after what the cache holds (``extend``)."""
+        return extend(self.model, prefix, tokens, hidden)
 
     def _decode_shared(self, state: list[dict[str, torch.Tensor]], k: int,
                        generators: Sequence[torch.Generator] | None, greedy: bool = False,
@@ -313,15 +275,7 @@ class HFCaptionerPolicy(nn.Module):
                           self.suppressed, generators, greedy)
 
     def _position_kwargs(self, positions: torch.Tensor, decoding: bool = False) -> dict[str, torch.Tensor]:
-        """Explicit positions that skip left padding. Multimodal-rotary models (Qwen2-VL)
-        compute 3-D positions from the whole prompt themselves; for a decoded token they
-        are its text position plus the per-row offset the prefill left in ``rope_deltas``."""
-        inner = getattr(self.model, "model", None)
-        if not hasattr(inner, "rope_deltas"):
-            return {"position_ids": positions}
-        if decoding and inner.rope_deltas is not None:
-            return {"position_ids": positions.unsqueeze(0) + inner.rope_deltas}
-        return {}
+        return position_kwargs(self.model, positions, decoding)
 
     def _generate(self, state: list[dict[str, torch.Tensor]], k: int, seeds: Sequence[int] | None,
                   greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

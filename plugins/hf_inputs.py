@@ -1,8 +1,9 @@
 """What the families' processors and models need around a generic captioning policy:
 prompts, batching of per-image inputs, positions, where the hidden states are, the text-only
-part of a captioner, and greedy captions as plain transformers gives them.
+part of a captioner, a prompt run once and shared by many continuations (``prefill``,
+``extend``), and greedy captions as plain transformers gives them.
 
-Shared by ``hf_captioner`` and its tests; public so that third-party policies on
+Shared by ``hf_captioner``, the VLM-judge reward and their tests; public so that third-party policies on
 transformers can use it too.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -93,6 +95,69 @@ def text_model(model: nn.Module) -> nn.Module:
             and inner.get_output_embeddings() is not None:
         return inner
     return model
+
+
+@attrs.define
+class Prefix:
+    """Each row's prompt, run once per image: the language model's cache (rows selected),
+    the attention mask so far (B, P'), the position of the next token (B, 1), and the logits
+    (B, V) and hidden state (B, H) of the last position fed."""
+
+    cache: Any
+    attention: torch.Tensor
+    next_position: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+def position_kwargs(model: nn.Module, positions: torch.Tensor, decoding: bool = False,
+                    ) -> dict[str, torch.Tensor]:
+    """Explicit positions that skip left padding. Multimodal-rotary models (Qwen2-VL)
+    compute 3-D positions from the whole prompt themselves; for a decoded token they are its
+    text position plus the per-row offset the prefill left in ``rope_deltas``."""
+    inner = getattr(model, "model", None)
+    if not hasattr(inner, "rope_deltas"):
+        return {"position_ids": positions}
+    if decoding and inner.rope_deltas is not None:
+        return {"position_ids": positions.unsqueeze(0) + inner.rope_deltas}
+    return {}
+
+
+def prefill(model: nn.Module, inputs: dict[str, torch.Tensor], rows: torch.Tensor,
+            hidden: bool = False) -> Prefix:
+    """Decoder-only models: run N prompts once, then give every row its prompt's cache.
+
+    Args:
+        model: The image-text-to-text model.
+        inputs: The N prompts' batched processor inputs (``left_pad_cat``).
+        rows: Shape: (B,). The prompt of each row (e.g. each image K times).
+        hidden: Also return the last prompt position's hidden state.
+    """
+    attention = inputs["attention_mask"]
+    prompt_positions = positions(attention)
+    out = model(**inputs, **position_kwargs(model, prompt_positions), use_cache=True,
+                output_hidden_states=hidden)
+    # BLIP-2 / InstructBLIP keep the language model's output (and cache) apart
+    cache = getattr(out, "cache", None) or out.language_model_outputs.cache
+    cache.batch_select_indices(rows)
+    select_rope_deltas(model, rows)
+    return Prefix(cache=cache, attention=attention[rows],
+                  next_position=prompt_positions[rows, -1:] + 1,
+                  logits=out.logits[rows, -1],
+                  hidden=last_hidden(out, decoder=False)[rows, -1] if hidden else None)
+
+
+def extend(model: nn.Module, prefix: Prefix, tokens: torch.Tensor, hidden: bool = False) -> Any:
+    """Feed ``tokens`` (B, L) after what ``prefix``'s cache holds, through the language model
+    alone (the image is in the cache); updates ``prefix`` and returns the model output.
+    Rows may be right-padded: a real token never attends to a later one."""
+    length = tokens.shape[1]
+    prefix.attention = torch.cat([prefix.attention, torch.ones_like(tokens)], dim=1)
+    place = prefix.next_position + torch.arange(length, device=tokens.device)
+    prefix.next_position = prefix.next_position + length
+    return text_model(model)(input_ids=tokens, attention_mask=prefix.attention, cache=prefix.cache,
+                             use_cache=True, output_hidden_states=hidden,
+                             **position_kwargs(model, place, decoding=True))
 
 
 def native_captions(folder: str, images: Sequence[Any], max_new_tokens: int = 20) -> list[str]:
