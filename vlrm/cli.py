@@ -206,7 +206,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         init = parser.instantiate(cfg)
     except Exception as exc:  # building the configured objects: whatever fails is the config's
-        return _config_failure(exc, files)
+        return config_failure(exc, files)
     from vlrm.errors import TrainingError
     from vlrm.trainer import Trainer
 
@@ -278,7 +278,7 @@ def _say(world: Any, message: str) -> None:
         print(message)
 
 
-def _config_failure(exc: Exception, files: list[str]) -> int:
+def config_failure(exc: Exception, files: list[str], prog: str = "vlrm-run") -> int:
     """Exit status 2 and one paragraph for a config whose objects cannot be built; the
     traceback only with VLRM_DEBUG=1."""
     import os
@@ -294,7 +294,7 @@ def _config_failure(exc: Exception, files: list[str]) -> int:
     else:
         message = (f"the config could not be built: {type(exc).__name__}: "
                    f"{_short_error(str(exc) or repr(exc), 4)}")
-    sys.stderr.write(f"vlrm-run: error: {message}{where}\n")
+    sys.stderr.write(f"{prog}: error: {message}{where}\n")
     if os.environ.get("VLRM_DEBUG"):
         traceback.print_exception(exc)
     else:

@@ -1,4 +1,4 @@
-"""The ``vlrm`` command: ``vlrm run | eval | export | plugins | <plugin command> ...``.
+"""The ``vlrm`` command: ``vlrm run | eval | export | plugins | serve-reward | <plugin command> ...``.
 
 Each subcommand is the same function as its own console script (``vlrm run --config X`` is
 ``vlrm-run --config X``, argument for argument), so the scripts keep working. Plugins add
@@ -44,8 +44,16 @@ def _plugins(argv: list[str]) -> int:
     return plugins(argv)
 
 
+def _serve_reward(argv: list[str]) -> int:
+    """Serve a reward plugin over HTTP to remote trainers (vlrm-serve-reward)."""
+    from vlrm.reward_server import main
+
+    return main(argv)
+
+
 BUILTIN: dict[str, Callable[[list[str]], int]] = {
-    "run": _run, "eval": _eval, "export": _export, "plugins": _plugins}
+    "run": _run, "eval": _eval, "export": _export, "plugins": _plugins,
+    "serve-reward": _serve_reward}
 
 
 def commands() -> dict[str, Callable[[list[str]], int]]:

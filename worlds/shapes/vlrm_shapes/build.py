@@ -42,18 +42,22 @@ MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # ope
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 
 
-def word_tokenizer(world: ShapesWorld, end_token: bool = False) -> Any:
+def word_tokenizer(world: ShapesWorld, end_token: bool = False,
+                   extra_words: Sequence[str] = ()) -> Any:
     """A word-level tokenizer over the world's vocabulary, as a transformers tokenizer.
 
     Args:
         world: Supplies the vocabulary.
         end_token: Append ``</s>`` to every encoding (the CLIPs pool their text there).
+        extra_words: More words, after the world's (whose ids do not change).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + world.vocabulary())}
+    words = specials + world.vocabulary()
+    vocab = {w: i for i, w in enumerate(words + [w for w in dict.fromkeys(extra_words)
+                                                 if w not in words])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if end_token:
@@ -353,7 +357,7 @@ def build_world(out_dir: str = "worlds/shapes/vlrm_shapes/weights", seed: int = 
                 vision_steps: int = 2000, captioner_steps: int = 3000,
                 captioner_style_dropout: float = 0.5, itm_steps: int = 1500,
                 llava_vision_steps: int = 1000, llava_steps: int = 4000,
-                workers: int = 2, progress: bool = True) -> dict[str, Any]:
+                vlm_judge_steps: int = 1500, workers: int = 2, progress: bool = True) -> dict[str, Any]:
     """Train every model of the shapes world and write them to ``out_dir``.
 
     Args:
@@ -370,6 +374,8 @@ def build_world(out_dir: str = "worlds/shapes/vlrm_shapes/weights", seed: int = 
         llava_vision_steps: Contrastive steps of the LLaVA-style captioner's vision tower.
         llava_steps: Cross-entropy steps of the LLaVA-style captioner
             (``vlrm_shapes.llava.build_llava``); 0 = no second captioner.
+        vlm_judge_steps: Steps of the VLM judge reward model, from the LLaVA-style captioner
+            (``vlrm_shapes.judge_vlm.build_vlm_judge``); 0 = none.
         workers: 2 trains the two CLIPs in a second process beside the captioner's vision
             encoder and captioner, one torch thread each; 1 runs every stage in turn [ours: 2,
             for a 2-core CPU; the stages share nothing, so the models are the same either way
@@ -419,6 +425,11 @@ def build_world(out_dir: str = "worlds/shapes/vlrm_shapes/weights", seed: int = 
         build_llava(str(out), vision_steps=llava_vision_steps, steps=llava_steps, seed=seed + 21,
                     style_dropout=captioner_style_dropout, train_images=train_images,
                     progress=progress)
+        if vlm_judge_steps:  # 6. the VLM judge reward model, from the LLaVA-style captioner
+            from vlrm_shapes.judge_vlm import build_vlm_judge
+
+            build_vlm_judge(str(out), steps=vlm_judge_steps, seed=seed + 31,
+                            train_images=train_images, progress=progress)
         record = json.loads((out / "build.json").read_text())
     return record
 

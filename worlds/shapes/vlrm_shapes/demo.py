@@ -328,6 +328,7 @@ def build_main(argv: list[str], command: str = "build") -> int:
     from vlrm.cli import EXIT_CONFIG, config_files, new_parser
     from vlrm_shapes.build import build_world, continue_captioner
     from vlrm_shapes.itm import build_itm
+    from vlrm_shapes.judge_vlm import build_vlm_judge
     from vlrm_shapes.llava import build_llava
 
     function, about = {
@@ -335,6 +336,7 @@ def build_main(argv: list[str], command: str = "build") -> int:
         "continue": (continue_captioner, "More cross-entropy rounds for a built captioner."),
         "itm": (build_itm, "Train the ITM reward model of a built world."),
         "llava": (build_llava, "Train the LLaVA-style captioner of a built world."),
+        "vlm_judge": (build_vlm_judge, "Train the VLM judge reward model of a built world."),
     }[command]
     parser = new_parser(f"vlrm-shapes {command}", about)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file.")
@@ -357,13 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"build": build_main, "demo": demo_main, "sweep": sweep_main,
                 "continue": lambda args: build_main(args, "continue"),
                 "itm": lambda args: build_main(args, "itm"),
-                "llava": lambda args: build_main(args, "llava")}
+                "llava": lambda args: build_main(args, "llava"),
+                "vlm_judge": lambda args: build_main(args, "vlm_judge")}
     if not argv or argv[0] not in commands:
-        sys.stderr.write("usage: vlrm-shapes {build,continue,itm,llava,demo,sweep} --config FILE [overrides]\n"
+        sys.stderr.write("usage: vlrm-shapes {build,continue,itm,llava,vlm_judge,demo,sweep} --config FILE [overrides]\n"
                          "  build  train the world's models from scratch (configs/shapes/build.yaml)\n"
                          "  continue  more cross-entropy rounds for a built captioner\n"
                          "  itm    train the ITM reward model of a built world\n"
                          "  llava  train the LLaVA-style captioner of a built world\n"
+                         "  vlm_judge  train the VLM judge reward model of a built world\n"
                          "  demo   baseline -> VLRM RL -> final, with summary.json and report.html\n"
                          "         (configs/shapes/vlrm_rs.yaml)\n"
                          "  sweep  the demo for several seeds and each ablation: sweep.md\n")

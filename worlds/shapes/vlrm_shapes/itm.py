@@ -67,7 +67,7 @@ def itm_config(tokenizer: Any, width: int = 64, layers: int = 2, num_query_token
         num_query_tokens=num_query_tokens, image_text_hidden_size=width)
 
 
-def _perturb(scene: Sequence[Thing], rng: np.random.Generator, colour: bool = True,
+def perturb(scene: Sequence[Thing], rng: np.random.Generator, colour: bool = True,
              size: bool = True) -> tuple[Thing, ...]:
     """The scene with exactly one change that shows in ``describe(scene, colour, size)``.
 
@@ -107,16 +107,16 @@ def hard_negative(world: ShapesWorld, split: str, index: int, rng: np.random.Gen
         index: The scene.
         rng: Draws the change.
     """
-    return describe(_perturb(world.scene(split, index), rng))
+    return describe(perturb(world.scene(split, index), rng))
 
 
-def _flags(caption: str) -> tuple[bool, bool]:
+def stated_attributes(caption: str) -> tuple[bool, bool]:
     """Whether a true caption states colours and sizes."""
     first = parse(caption).objects[0]
     return first.colour is not None, first.size is not None
 
 
-def _other_caption(world: ShapesWorld, scene: Sequence[Thing], caption: str, colour: bool,
+def other_caption(world: ShapesWorld, scene: Sequence[Thing], caption: str, colour: bool,
                    size: bool, num_images: int, rng: np.random.Generator) -> str:
     """A random other training image's caption, stated like ``caption`` and never equal to it."""
     j = int(rng.integers(num_images))
@@ -125,7 +125,7 @@ def _other_caption(world: ShapesWorld, scene: Sequence[Thing], caption: str, col
         if other != caption:
             return other
         j = (j + 1) % num_images
-    return describe(_perturb(scene, rng, colour, size), colour, size)  # all alike: a hard one
+    return describe(perturb(scene, rng, colour, size), colour, size)  # all alike: a hard one
 
 
 @torch.no_grad()
@@ -168,7 +168,7 @@ def evaluate_itm(reward: Blip2ItmReward, world: ShapesWorld, features: torch.Ten
     full = [world.full_caption(split, i) for i in range(n)]
     negatives = [hard_negative(world, split, i, rng) for i in range(n)]
     partial = [world.partial_caption(split, i) for i in range(n)]
-    partial_neg = [describe(_perturb(world.scene(split, i), rng, *_flags(p)), *_flags(p))
+    partial_neg = [describe(perturb(world.scene(split, i), rng, *stated_attributes(p)), *stated_attributes(p))
                    for i, p in enumerate(partial)]
     true = _match(reward, features, full)
     shapes_only = _match(reward, features, [describe(world.scene(split, i), False, False)
@@ -276,10 +276,10 @@ def train_itm(world: ShapesWorld, images: torch.Tensor, vision_state: dict[str, 
             scene = world.scene("train", i)
             caption = (describe(scene) if rng.random() < full_share
                        else world.partial_caption("train", i))
-            colour, size = _flags(caption)
+            colour, size = stated_attributes(caption)
             positives.append(caption)
-            hard.append(describe(_perturb(scene, rng, colour, size), colour, size))
-            wrong.append(_other_caption(world, scene, caption, colour, size, len(images), rng))
+            hard.append(describe(perturb(scene, rng, colour, size), colour, size))
+            wrong.append(other_caption(world, scene, caption, colour, size, len(images), rng))
         logits = reward.itm_logits(features[idx].repeat(3, 1, 1), positives + hard + wrong)
         labels = torch.zeros(3 * len(idx), dtype=torch.long)
         labels[:len(idx)] = 1
