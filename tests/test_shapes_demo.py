@@ -17,9 +17,10 @@ def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     record = build_world(str(out), train_images=256, reward_clip_steps=20, judge_clip_steps=20,
                          vision_steps=20, captioner_steps=40, itm_steps=5, llava_vision_steps=5,
-                         llava_steps=10, progress=False)
+                         llava_steps=10, vlm_judge_steps=5, progress=False)
     assert record["captioner"]["steps"] == 40 and record["itm"]["steps"] == 5
     assert record["llava_captioner"]["steps"] == 10
+    assert json.loads((out / "build.json").read_text())["vlm_judge"]["steps"] == 5
     return out
 
 
@@ -296,3 +297,51 @@ def test_sweep_names_the_unknown_objective(capsys):
     assert main(["sweep", "--objectives", "no_such", "--config", "x.yaml"]) == 2
     err = capsys.readouterr().err
     assert "no_such" in err and "grpo" in err
+
+
+def test_build_writes_a_vlm_judge_that_scores_as_it_was_trained(built):
+    import torch
+
+    from vlrm.testing import check_reward, make_rollout
+    from vlrm_shapes.build import pixels
+    from vlrm_shapes.judge_vlm import shapes_vlm_judge, yes_no_logits
+    from vlrm_shapes.llava import patch_features
+    from vlrm_shapes.world import ShapesWorld, describe
+
+    world = ShapesWorld(0)
+    images = [world.image("test", i) for i in range(3)]
+    captions = [[world.full_caption("test", 0), "a small red circle"],
+                [describe(world.scene("test", 1), False, False)],
+                [world.partial_caption("test", 2), "a circle and a circle"]]
+    judge = shapes_vlm_judge(str(built))
+    rollout = make_rollout(captions, images=images)
+    out = check_reward(judge, rollout)
+    assert ((out.sequence > 0) & (out.sequence < 1)).all()
+    with torch.no_grad():
+        served = judge.answer_logits(images, rollout.group, rollout.captions)[:, judge.yes + judge.no]
+        features = patch_features(judge.model.model.vision_tower, pixels(images))
+        trained = yes_no_logits(judge.model, judge.tokenizer, features[rollout.group], rollout.captions)
+    torch.testing.assert_close(served.float(), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_sweep_over_rewards_runs_each_reward_and_writes_the_doc(built, tmp_path):
+    from vlrm_shapes.demo import main
+
+    out, doc = tmp_path / "sweep", tmp_path / "rewards.md"
+    w = str(built)
+    judge = tmp_path / "vlm_judge.yaml"  # the shipped fragment, on the test's world
+    judge.write_text((ROOT / "configs" / "shapes" / "rewards" / "vlm_judge.yaml").read_text()
+                     .replace("shapes_vlm_judge ", f"shapes_vlm_judge\n        init_args: {{weights: {w}}} "))
+    assert main(["sweep", "--rewards", "clip", str(judge), "qa", "--seeds", "1", "--jobs", "2",
+                 f"--output_dir={out}", f"--doc={doc}",
+                 "--config", str(ROOT / "configs" / "shapes" / "demo.yaml"),
+                 f"--policy.init_args.weights={w}", f"--reward.terms.clip.reward.init_args.weights={w}",
+                 f"--demo.weights={w}", "--demo.test_images=20", "--trainer.max_steps=2",
+                 "--trainer.images_per_step=2", "--trainer.samples_per_image=2"]) == 0
+    rows = {name: json.loads((out / name / "seed1" / "metrics.jsonl").read_text().splitlines()[-1])
+            for name in ("clip", "vlm_judge", "qa")}
+    assert "reward/judge" in rows["vlm_judge"] and "reward/qa" in rows["qa"]
+    assert "reward/judge" not in rows["clip"] and "reward/clip" in rows["qa"]  # logged, weight 0
+    text = doc.read_text()
+    assert text.startswith("# Rewards side by side") and "--rewards clip " in text
+    assert "| vlm_judge | 1 |" in text and "attribute accuracy" in text and "| (ceiling) |" in text

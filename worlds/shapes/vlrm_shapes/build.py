@@ -357,7 +357,7 @@ def build_world(out_dir: str = "worlds/shapes/vlrm_shapes/weights", seed: int = 
                 vision_steps: int = 2000, captioner_steps: int = 3000,
                 captioner_style_dropout: float = 0.5, itm_steps: int = 1500,
                 llava_vision_steps: int = 1000, llava_steps: int = 4000,
-                vlm_judge_steps: int = 1500, workers: int = 2, progress: bool = True) -> dict[str, Any]:
+                vlm_judge_steps: int = 2000, workers: int = 2, progress: bool = True) -> dict[str, Any]:
     """Train every model of the shapes world and write them to ``out_dir``.
 
     Args:
@@ -429,7 +429,8 @@ def build_world(out_dir: str = "worlds/shapes/vlrm_shapes/weights", seed: int = 
             from vlrm_shapes.judge_vlm import build_vlm_judge
 
             build_vlm_judge(str(out), steps=vlm_judge_steps, seed=seed + 31,
-                            train_images=train_images, progress=progress)
+                            train_images=train_images, eval_images=min(300, train_images // 8),
+                            progress=progress)
         record = json.loads((out / "build.json").read_text())
     return record
 

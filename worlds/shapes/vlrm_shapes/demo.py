@@ -260,6 +260,9 @@ def sweep_main(argv: list[str]) -> int:
     parser.add_argument("--objectives", nargs="*", default=None,
                         help="estimators: names in configs/shapes/objectives (a2c, rloo, grpo, "
                              "dr_grpo, scst, ppo_clip) or fragment files; no ablations then")
+    parser.add_argument("--rewards", nargs="*", default=None,
+                        help="reward settings: names in configs/shapes/rewards (clip, itm, "
+                             "vlm_judge, qa, clip_qa) or fragment files; no ablations then")
     parser.add_argument("--jobs", type=int, default=1,
                         help="with --objectives: runs at once (the CPU threads split between them)")
     parser.add_argument("--doc", default=None,
@@ -273,7 +276,7 @@ def sweep_main(argv: list[str]) -> int:
                              "time) to take seconds per step and memory from")
     parser.add_argument("--output_dir", default="runs/shapes_sweep")
     args, demo_args = parser.parse_known_args(argv)
-    if args.objectives:
+    if args.objectives or args.rewards:
         return _objective_sweep(args, demo_args)
     try:
         runs = sweep_variants(args.seeds, args.ablations)
@@ -296,11 +299,12 @@ def sweep_main(argv: list[str]) -> int:
 
 def _objective_sweep(args: Any, demo_args: list[str]) -> int:
     from vlrm.cli import EXIT_CONFIG
-    from vlrm_shapes.sweep import estimator_table, sweep_objectives, write_doc
+    from vlrm_shapes.sweep import estimator_table, reward_table, sweep_objectives, write_doc
 
     out = Path(args.output_dir)
+    kind, names = ("rewards", args.rewards) if args.rewards else ("objectives", args.objectives)
     try:
-        results = sweep_objectives(args.objectives, args.seeds, demo_args, out, args.jobs)
+        results = sweep_objectives(names, args.seeds, demo_args, out, args.jobs, kind)
     except ConfigError as exc:
         sys.stderr.write(f"vlrm-shapes: error: {exc}\n")
         return EXIT_CONFIG
@@ -310,14 +314,16 @@ def _objective_sweep(args: Any, demo_args: list[str]) -> int:
         timing = {name: {"s_per_step": sum(r["s_per_step"] for r in runs.values()) / len(runs),
                          "peak_mib": max(r["peak_mib"] for r in runs.values())}
                   for name, runs in timed.items()}
-    table = estimator_table(results, timing)
+    table = reward_table(results) if kind == "rewards" else estimator_table(results, timing)
     (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "sweep.md").write_text(table)
     if args.doc:
-        command = " ".join(["vlrm-shapes sweep", "--objectives", *args.objectives, "--seeds",
+        command = " ".join(["vlrm-shapes sweep", f"--{kind}", *names, "--seeds",
                             *map(str, args.seeds), *(["--timing", args.timing] if args.timing else []),
                             *demo_args])
-        write_doc(Path(args.doc), table, command, args.doc_section)
+        write_doc(Path(args.doc), table, command, args.doc_section,
+                  "Rewards side by side in the shapes world" if kind == "rewards"
+                  else "Estimators side by side in the shapes world")
     print(table)
     return 0
 

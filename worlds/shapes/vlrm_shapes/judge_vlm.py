@@ -101,8 +101,33 @@ def evaluate_judge(reward: VLMJudgeReward, world: ShapesWorld, images: list[Any]
     return out
 
 
+def yes_no_logits(model: Any, tokenizer: Any, features: torch.Tensor,
+                  captions: list[str]) -> torch.Tensor:
+    """The yes and no logits of each caption's question, from fixed vision features: the
+    layout the reward scores (patches, then ``PROMPT`` with the caption), in one batch.
+
+    Args:
+        model: The judge's ``LlavaForConditionalGeneration``.
+        features: ``patch_features`` of each caption's image. Shape: (B, P, Hv).
+        captions: B captions.
+
+    Returns:
+        Shape: (B, 2), float32: the yes logit, then the no logit.
+    """
+    projector, lm, head = model.model.multi_modal_projector, model.model.language_model, model.lm_head
+    before, after = PROMPT.split("{caption}")
+    start = tokenizer(before.replace("<image>", ""), add_special_tokens=False)["input_ids"]
+    ids = [start + tokenizer(c + after, add_special_tokens=False)["input_ids"] for c in captions]
+    width = max(map(len, ids))
+    tokens = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in ids])
+    embeds = torch.cat([projector(features), lm.get_input_embeddings()(tokens)], dim=1)
+    hidden = lm(inputs_embeds=embeds).last_hidden_state
+    last = torch.tensor([features.shape[1] + len(r) - 1 for r in ids])  # right padding: unread
+    return head(hidden[torch.arange(len(ids)), last])[:, tokenizer.convert_tokens_to_ids(["yes", "no"])].float()
+
+
 def train_judge(model: Any, tokenizer: Any, world: ShapesWorld, features: torch.Tensor,
-                steps: int, batch_size: int = 64, lr: float = 5e-4, seed: int = 31,
+                steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 31,
                 full_share: float = FULL_SHARE, progress: bool = True) -> dict[str, Any]:
     """Yes/no cross-entropy on three questions per image (see the module docstring): the
     projector, language model and head train, the vision features stay fixed.
@@ -111,16 +136,10 @@ def train_judge(model: Any, tokenizer: Any, world: ShapesWorld, features: torch.
         model: A ``LlavaForConditionalGeneration`` for ``tokenizer``.
         features: ``patch_features`` of training images 0..N-1. Shape: (N, P, Hv).
     """
-    projector, lm, head = model.model.multi_modal_projector, model.model.language_model, model.lm_head
-    embed = lm.get_input_embeddings()
-    before, after = PROMPT.split("{caption}")
-    start = tokenizer(before.replace("<image>", ""), add_special_tokens=False)["input_ids"]
-    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
     rng = np.random.default_rng([seed, 2])
-    p = features.shape[1]
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        captions, labels = [], []
+        captions = []
         for i in idx.tolist():
             scene = world.scene("train", i)
             true = describe(scene) if rng.random() < full_share else world.partial_caption("train", i)
@@ -128,17 +147,12 @@ def train_judge(model: Any, tokenizer: Any, world: ShapesWorld, features: torch.
             third = (other_caption(world, scene, true, colour, size, len(features), rng)
                      if rng.random() < 0.5 else invented(scene, rng, colour, size))
             captions += [true, describe(perturb(scene, rng, colour, size), colour, size), third]
-            labels += [0, 1, 1]  # index 0 = yes
-        ids = [start + tokenizer(c + after, add_special_tokens=False)["input_ids"] for c in captions]
-        width = max(map(len, ids))
-        tokens = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in ids])
-        patches = projector(features[idx].repeat_interleave(3, dim=0))
-        hidden = lm(inputs_embeds=torch.cat([patches, embed(tokens)], dim=1)).last_hidden_state
-        last = torch.tensor([p + len(r) - 1 for r in ids])  # right padding: causal, never read
-        logits = head(hidden[torch.arange(len(ids)), last])[:, [yes, no]]
-        return F.cross_entropy(logits.float(), torch.tensor(labels))
+        labels = torch.tensor([0, 1, 1] * len(idx))  # index 0 = yes
+        logits = yes_no_logits(model, tokenizer, features[idx].repeat_interleave(3, dim=0), captions)
+        return F.cross_entropy(logits, labels)
 
-    params = [*projector.parameters(), *lm.parameters(), *head.parameters()]
+    params = [*model.model.multi_modal_projector.parameters(),
+              *model.model.language_model.parameters(), *model.lm_head.parameters()]
     for param in params:
         param.requires_grad_(True)
     model.train()
@@ -148,8 +162,8 @@ def train_judge(model: Any, tokenizer: Any, world: ShapesWorld, features: torch.
     return {**fit, "full_share": full_share}
 
 
-def build_vlm_judge(weights: str = "worlds/shapes/vlrm_shapes/weights", steps: int = 1500,
-                    lr: float = 5e-4, seed: int = 31, batch_size: int = 64,
+def build_vlm_judge(weights: str = "worlds/shapes/vlrm_shapes/weights", steps: int = 2000,
+                    lr: float = 1e-3, seed: int = 31, batch_size: int = 32,
                     train_images: int = 12000, eval_images: int = 300,
                     progress: bool = True) -> dict[str, Any]:
     """Train the world's VLM judge into ``<weights>/vlm_judge`` from its LLaVA-style

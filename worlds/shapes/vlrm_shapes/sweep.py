@@ -1,9 +1,11 @@
-"""``vlrm-shapes sweep --objectives ...``: every estimator x every seed of the shapes demo,
-side by side, written as a markdown report (``docs/estimators.md``).
+"""``vlrm-shapes sweep --objectives ...`` / ``--rewards ...``: every estimator (or reward) x
+every seed of the shapes demo, side by side, written as a markdown report
+(``docs/estimators.md``, ``docs/rewards.md``).
 
 Each run is a ``vlrm-shapes demo`` process (``--jobs`` of them at once, the CPU threads split
-between them) with the base config, then ``configs/shapes/objectives/<name>.yaml`` (or a
-fragment file given by path), then the command line's overrides. Per run it keeps the demo's
+between them) with the base config, then ``configs/shapes/objectives/<name>.yaml`` (or
+``configs/shapes/rewards/<name>.yaml``, or a fragment file given by path), then the command
+line's overrides. Per run it keeps the demo's
 ``summary.json``, the seconds per step from ``metrics.jsonl``, and the process's peak
 resident memory.
 """
@@ -23,25 +25,36 @@ from typing import Any
 
 from vlrm.errors import ConfigError
 
-FRAGMENTS = Path("configs") / "shapes" / "objectives"
+CONFIGS = Path("configs") / "shapes"
 #: The same folder in the source checkout this module runs from (when run elsewhere).
-CHECKOUT_FRAGMENTS = Path(__file__).resolve().parent.parent / FRAGMENTS
+CHECKOUT_CONFIGS = Path(__file__).resolve().parents[3] / CONFIGS
 #: Columns of the report: (label, how to read it from a run's record).
 TRAILING = 50  # steps averaged for the training reward at a wall-clock time
 JUDGE_KEY = "eval/clip_recall/r1"  # the judge during training (vlrm-shapes demo --demo.judge_every)
 
 
-def objective_fragment(name: str) -> Path:
-    """The config fragment of an estimator: a file path, or a name in configs/shapes/objectives."""
+def fragment(name: str, kind: str = "objectives") -> Path:
+    """A variant's config fragment: a file path, or a name in configs/shapes/<kind>."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    for folder in (FRAGMENTS, CHECKOUT_FRAGMENTS):
+    folders = (CONFIGS / kind, CHECKOUT_CONFIGS / kind)
+    for folder in folders:
         if (folder / f"{name}.yaml").is_file():
             return folder / f"{name}.yaml"
-    known = sorted({p.stem for folder in (FRAGMENTS, CHECKOUT_FRAGMENTS) for p in folder.glob("*.yaml")})
-    raise ConfigError(f"no objective {name!r}: give a fragment file or one of "
-                      f"{', '.join(known) or f'the files of {FRAGMENTS} (run from the repository)'}")
+    known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+    raise ConfigError(f"no {kind.removesuffix('s')} {name!r}: give a fragment file or one of "
+                      f"{', '.join(known) or f'the files of {folders[0]} (run from the repository)'}")
+
+
+def variant_name(name: str) -> str:
+    """A variant's name in the report: the name, or a fragment file's stem."""
+    return Path(name).stem if Path(name).suffix in (".yaml", ".yml") else name
+
+
+def objective_fragment(name: str) -> Path:
+    """The config fragment of an estimator: a file path, or a name in configs/shapes/objectives."""
+    return fragment(name, "objectives")
 
 
 def _run(command: list[str], log: Path, threads: int) -> tuple[int, float, float]:
@@ -157,10 +170,13 @@ def _judged_cell(runs: list[dict[str, Any]], steps: float) -> str:
 
 
 def sweep_objectives(objectives: Sequence[str], seeds: Sequence[int], demo_args: Sequence[str],
-                     out: Path, jobs: int = 1) -> dict[str, dict[str, dict[str, Any]]]:
-    """Run the demo for every objective x seed (``jobs`` at once); the run records by
-    objective and seed. Finished runs (with a summary.json) are not run again."""
-    fragments = {name: objective_fragment(name) for name in objectives}
+                     out: Path, jobs: int = 1, kind: str = "objectives",
+                     ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Run the demo for every variant (objective, or reward with ``kind="rewards"``) x seed
+    (``jobs`` at once); the run records by variant and seed. Finished runs (with a
+    ``sweep_run.json``) are not run again."""
+    fragments = {variant_name(name): fragment(name, kind) for name in objectives}
+    objectives = list(fragments)
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     work = [(name, seed) for seed in seeds for name in objectives]
@@ -193,7 +209,39 @@ def sweep_objectives(objectives: Sequence[str], seeds: Sequence[int], demo_args:
     return results
 
 
-def write_doc(path: Path, table: str, command: str, section: str = "") -> None:
+def reward_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The markdown table of a reward sweep: reward -> seed -> run record. The world's own
+    hallucination measures beside the judge: attribute accuracy (stated attributes that are
+    right), invented objects, repeats beyond the scene."""
+    header = ("| reward | seeds | judge R@1 | share of gap | attribute accuracy | invented objects | "
+              "repeats beyond scene | grammar | n-gram repetition | words | s / step |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for name, runs in results.items():
+        rs = list(runs.values())
+        final = [r["summary"]["final"] for r in rs]
+        lines.append(
+            f"| {name} | {', '.join(s.removeprefix('seed') for s in runs)} | "
+            f"{_cell([f['clip_recall/r1'] for f in final])} | "
+            f"{_cell([gap_share(r['summary']) for r in rs], 2)} | "
+            f"{_cell([f['caption/attribute_accuracy'] for f in final])} | "
+            f"{_cell([f['caption/invented_objects'] for f in final], higher_is_better=False)} | "
+            f"{_cell([f['caption/repeats_beyond_scene'] for f in final], higher_is_better=False)} | "
+            f"{_cell([f['caption/grammar_rate'] for f in final])} | "
+            f"{_cell([f['caption/repetition_rate'] for f in final], higher_is_better=False)} | "
+            f"{statistics.mean(f['caption/length'] for f in final):.1f} | "
+            f"{statistics.mean(r['s_per_step'] for r in rs):.3f} |")
+    first = next(iter(next(iter(results.values())).values()))["summary"]
+    refs = [f"| ({ref}) | | {m['clip_recall/r1']:.3f} | | {m['caption/attribute_accuracy']:.3f} | "
+            f"{m['caption/invented_objects']:.3f} | {m['caption/repeats_beyond_scene']:.3f} | "
+            f"{m['caption/grammar_rate']:.3f} | {m['caption/repetition_rate']:.3f} | "
+            f"{m['caption/length']:.1f} | |"
+            for ref, m in ((r, first[r]) for r in ("baseline", "ceiling", "oracle"))]
+    return header + "\n".join(lines + refs) + "\n"
+
+
+def write_doc(path: Path, table: str, command: str, section: str = "",
+              title: str = "Estimators side by side in the shapes world") -> None:
     """Put the table between the doc's markers ``<!-- sweep[:section]:begin -->`` and
     ``...:end -->`` (the prose around them stays), or start the doc."""
     name = f"sweep:{section}:" if section else "sweep:"
@@ -204,6 +252,6 @@ def write_doc(path: Path, table: str, command: str, section: str = "") -> None:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
-        text = f"# Estimators side by side in the shapes world\n\n{block}\n"
+        text = f"# {title}\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
