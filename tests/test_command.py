@@ -61,7 +61,7 @@ def test_vlrm_run_and_vlrm_minus_run_give_identical_runs(tmp_path, monkeypatch):
 def test_help_lists_the_builtin_and_plugin_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("run", "eval", "export", "plugins", "shapes"):
+    for name in ("run", "eval", "export", "plugins", "serve-reward", "shapes"):
         assert f"\n  {name} " in out, name
 
 
@@ -74,7 +74,7 @@ def test_an_unknown_command_exits_2_naming_the_commands(capsys):
 def test_a_bad_config_exits_2_with_one_paragraph_in_every_config_command(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("policy: [unclosed\n")
-    for command in ("run", "eval"):
+    for command in ("run", "eval", "serve-reward"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--config", str(bad)])
         assert exit_.value.code == 2
@@ -94,7 +94,7 @@ def test_plugin_flags_before_the_command_choose_the_plugins(capsys):
 
 def test_the_shapes_world_adds_its_command_through_the_hook(capsys):
     assert main(["shapes"]) == 2  # no subcommand: its usage, as vlrm-shapes
-    assert "usage: vlrm-shapes {build,continue,itm,llava,demo,sweep}" in capsys.readouterr().err
+    assert "usage: vlrm-shapes {build,continue,itm,llava,vlm_judge,demo,sweep}" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_2_with_one_paragraph_in_every_builtin_command(capsys):
