@@ -42,8 +42,9 @@ from vlrm_plugins.hf_inputs import (DROPPED_KEYS, GENERATED_TOKEN_TYPE, SEQUENCE
                                     Prompt, extend, first_set, last_hidden, left_pad_cat,
                                     position_kwargs, positions, prefill, render_prompt, text_model)
 from vlrm_plugins.hf_common import (LoraSpec, ReferenceSnapshot, add_lora, adapters_disabled,
-                                    load_adapters, looks_local, match_names, quiet_transformers,
-                                    resolve_lora, save_folder, save_merged_folder, torch_dtype)
+                                    load_adapters, load_image_text_to_text, looks_local,
+                                    match_names, quiet_transformers, resolve_lora, save_folder,
+                                    save_merged_folder, torch_dtype)
 
 def _in_compute_dtype(method: Any) -> Any:
     """Run a policy method under the policy's ``_autocast``."""
@@ -514,8 +515,6 @@ def hf_captioner(
             language model's q_proj and v_proj].
         shared_prefill: One prompt prefill per image for decoder-only models [ours: on].
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     if looks_local(model) and not Path(model).expanduser().is_dir():
         raise ConfigError(f"policy.init_args.model: the folder {model!r} does not exist; give a "
                           "directory written by save_pretrained or a hub name")
@@ -529,14 +528,7 @@ def hf_captioner(
     if not trainable:
         raise ConfigError(f"policy.init_args.trainable: name the parts of {model!r} that train, "
                           "e.g. ['model.multi_modal_projector'] (see README: Bring your own captioner)")
-    try:
-        processor = AutoProcessor.from_pretrained(model)
-        net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype(dtype))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(
-            f"policy.init_args.model: cannot load an image-text-to-text model from {model!r} "
-            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). Give a hub name "
-            "reachable from this machine or a folder written by save_pretrained.") from exc
+    processor, net = load_image_text_to_text(model, dtype, "policy.init_args.model")
     lora = resolve_lora(model, LoraSpec(lora_rank, lora_alpha, tuple(lora_targets)) if lora_rank else None)
     policy = HFCaptionerPolicy(
         net, processor, trainable=trainable, prompt=prompt, max_new_tokens=max_new_tokens,

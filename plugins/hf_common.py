@@ -254,3 +254,20 @@ def match_names(names: Iterable[str], patterns: Sequence[str], what: str) -> lis
 def looks_local(name: str) -> bool:
     """True when a model name is meant as a folder rather than a hub name."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_image_text_to_text(model: str, dtype: str, key: str) -> tuple[Any, Any]:
+    """``AutoProcessor`` and ``AutoModelForImageTextToText`` of a hub name or folder; a
+    failure is a ``ConfigError`` naming the config ``key``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        with quiet_transformers():
+            processor = AutoProcessor.from_pretrained(model)
+            net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype(dtype))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"{key}: cannot load an image-text-to-text model from {model!r} "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). Give a hub name "
+            "reachable from this machine or a folder written by save_pretrained.") from exc
+    return processor, net

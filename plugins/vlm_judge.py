@@ -43,7 +43,7 @@ import torch
 from vlrm import hookimpl
 from vlrm.errors import ConfigError
 from vlrm.structs import RewardOutput, Rollout
-from vlrm_plugins.hf_common import looks_local, quiet_transformers, torch_dtype
+from vlrm_plugins.hf_common import load_image_text_to_text, looks_local, quiet_transformers
 from vlrm_plugins.hf_inputs import (DROPPED_KEYS, Prompt, extend, first_set, left_pad_cat,
                                     prefill, render_prompt)
 
@@ -199,20 +199,10 @@ def vlm_judge(model: str, prompt: Prompt = None, score: str = "yes_no",
         dtype: float32, bfloat16 or float16.
         device: Torch device.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     if looks_local(model) and not Path(model).expanduser().is_dir():
         raise ConfigError(f"vlm_judge: model folder {model!r} does not exist; give a directory "
                           "written by save_pretrained or a hub name")
-    try:
-        with quiet_transformers():
-            processor = AutoProcessor.from_pretrained(model)
-            net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype(dtype))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(
-            f"vlm_judge: cannot load an image-text-to-text model from {model!r} "
-            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). Give a hub name "
-            "reachable from this machine or a folder written by save_pretrained.") from exc
+    processor, net = load_image_text_to_text(model, dtype, "vlm_judge: model")
     return VLMJudgeReward(net.to(device), processor, prompt=prompt, score=score, answers=answers,
                           batch_size=batch_size, scale=scale)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -135,6 +136,26 @@ def new_parser(prog: str, description: str) -> Any:
     return Parser(prog=prog, description=description)
 
 
+def parse_command(prog: str, build: Callable[[], Any], argv: list[str] | None,
+                  ) -> tuple[Any, Any, list[str]] | int:
+    """The start of every config command: ``--plugins`` / ``--block-plugins`` taken, the
+    plugins loaded (a broken or clashing one: exit status 2, returned), then ``build()``'s
+    parser parses ``argv`` (a bad config exits 2 from inside). Returns the parser, the parsed
+    config and the config files given."""
+    from vlrm.plugins import PluginError, get_registry, take_plugin_flags
+
+    try:
+        argv = take_plugin_flags(sys.argv[1:] if argv is None else list(argv))
+        get_registry()  # report broken or clashing plugins before anything is built
+    except PluginError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return EXIT_CONFIG
+    parser = build()
+    files = config_files(argv)
+    parser.config_files = files
+    return parser, parser.parse_args(argv), files
+
+
 def build_parser() -> Any:
     """The ``vlrm-run`` parser: policy, reward terms, data, trainer settings, output folder."""
     from jsonargparse import ActionConfigFile
@@ -187,18 +208,10 @@ def run(argv: list[str] | None = None) -> int:
     Under ``torchrun`` every process runs this; each trains on its share of every step and
     rank 0 alone writes the outputs.
     """
-    from vlrm.plugins import PluginError, get_registry, take_plugin_flags
-
-    try:
-        argv = take_plugin_flags(sys.argv[1:] if argv is None else list(argv))
-        get_registry()  # report broken or clashing plugins before anything is built
-    except PluginError as exc:
-        sys.stderr.write(f"vlrm-run: error: {exc}\n")
-        return EXIT_CONFIG
-    parser = build_parser()
-    files = config_files(argv)
-    parser.config_files = files
-    cfg = parser.parse_args(argv)
+    parsed = parse_command("vlrm-run", build_parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    parser, cfg, files = parsed
     output_dir = Path(cfg.output_dir)
     from vlrm.distributed import from_environment, shutdown, use_local_device
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from attrs import frozen
 
-from vlrm.cli import EXIT_CONFIG, config_files, new_parser
+from vlrm.cli import EXIT_CONFIG, new_parser, parse_command
 from vlrm.errors import ConfigError
 
 
@@ -122,17 +122,10 @@ def evaluate(init: Any, output_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build, evaluate. Returns the process exit status."""
-    from vlrm.plugins import PluginError, get_registry, take_plugin_flags
-
-    try:
-        argv = take_plugin_flags(sys.argv[1:] if argv is None else list(argv))
-        get_registry()
-    except PluginError as exc:
-        sys.stderr.write(f"vlrm-eval: error: {exc}\n")
-        return EXIT_CONFIG
-    parser = build_parser()
-    parser.config_files = config_files(argv)
-    cfg = parser.parse_args(argv)
+    parsed = parse_command("vlrm-eval", build_parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    parser, cfg, _ = parsed
     output_dir = Path(cfg.output_dir)
     try:
         init = parser.instantiate(cfg)

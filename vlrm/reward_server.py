@@ -235,19 +235,12 @@ def build_parser() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, load the reward, serve until interrupted."""
-    from vlrm.cli import config_failure, config_files
-    from vlrm.plugins import PluginError, get_registry, take_plugin_flags
+    from vlrm.cli import config_failure, parse_command
 
-    try:
-        argv = take_plugin_flags(sys.argv[1:] if argv is None else list(argv))
-        get_registry()
-    except PluginError as exc:
-        sys.stderr.write(f"vlrm-serve-reward: error: {exc}\n")
-        return EXIT_CONFIG
-    parser = build_parser()
-    files = config_files(argv)
-    parser.config_files = files
-    cfg = parser.parse_args(argv)
+    parsed = parse_command("vlrm-serve-reward", build_parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    parser, cfg, files = parsed
     for name, value in (("max_request_bytes", cfg.max_request_bytes),
                         ("max_batch_images", cfg.max_batch_images), ("timeout", cfg.timeout)):
         if not value > 0:
