@@ -1,9 +1,11 @@
-"""Experiment trackers (``loggers:`` in a config): TensorBoard, MLflow and Weights & Biases.
+"""Experiment trackers (``loggers:`` in a config): TensorBoard, MLflow, Weights & Biases and
+Trackio.
 
     loggers:
       tb: {class_path: tensorboard}                  # writes <output_dir>/tensorboard
       mlflow: {class_path: mlflow}                   # a local store in <output_dir>/mlruns
       wandb: {class_path: wandb, init_args: {project: captions}}
+      trackio: {class_path: trackio, init_args: {project: captions}}
 
 Scalars every step under their metrics.jsonl names; every ``trainer.samples_every`` steps a
 sample table: each sampled image (``samples/<row>``) and one markdown table (``samples``)
@@ -11,7 +13,9 @@ of image id, caption, total reward, each reward term and the advantage. Needs th
 ``tensorboard`` extra (``pip install 'vlrm[tensorboard]'``). MLflow logs the same scalars,
 each sampled image (``log_image`` with its step) and the rows as an MLflow table
 (``samples.json``, one row per caption with its step); it needs the ``mlflow`` extra. W&B
-logs the scalars, the pictures and a ``wandb.Table``; it needs the ``wandb`` extra.
+logs the scalars, the pictures and a ``wandb.Table``; it needs the ``wandb`` extra. Trackio
+logs the scalars and a ``trackio.Table`` with each row's picture; it needs the ``trackio``
+extra.
 """
 
 from __future__ import annotations
@@ -243,6 +247,70 @@ class WandbLogger:
             self.run.finish()
 
 
+class TrackioLogger:
+    """Logs to Trackio: a local SQLite store (under ``TRACKIO_DIR``, default
+    ``$HF_HOME/trackio``; ``trackio show`` opens its dashboard), a Hugging Face Space or a
+    self-hosted Trackio server.
+
+    Scalars every step under their metrics.jsonl names; every ``trainer.samples_every`` steps a
+    ``trackio.Table`` (``samples``) of step, image id, picture, caption, total reward, each term
+    and advantage. ``--resume`` continues the same Trackio run (its name is kept in
+    ``<output_dir>/trackio_run``).
+
+    Args:
+        project: The Trackio project.
+        name: The run's name; default the output folder's name.
+        group: A group to file the run under.
+        space_id: Log to this Space instead of the local store.
+        server_url: Log to this Trackio server instead (ignored with ``space_id``).
+    """
+
+    def __init__(self, project: str = "vlrm", name: str | None = None, group: str | None = None,
+                 space_id: str | None = None, server_url: str | None = None) -> None:
+        try:
+            import trackio  # noqa: F401
+        except ModuleNotFoundError as exc:
+            raise ConfigError("loggers: trackio needs the trackio package: "
+                              "pip install 'vlrm[trackio]'") from exc
+        self.project, self.name, self.group = project, name, group
+        self.space_id, self.server_url = space_id, server_url
+        self.run: Any = None
+
+    def open(self, output_dir: Path, config: dict[str, Any], step: int = 0) -> None:
+        import trackio
+
+        marker = Path(output_dir) / "trackio_run"
+        resuming = bool(step) and marker.is_file()
+        name = marker.read_text().strip() if resuming else (self.name or Path(output_dir).name)
+        self.run = trackio.init(project=self.project, name=name, group=self.group,
+                                space_id=self.space_id, server_url=self.server_url,
+                                config=config or None, resume="allow" if resuming else "never",
+                                auto_log_gpu=False, auto_log_cpu=False)
+        marker.write_text(self.run.name + "\n")
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({k: v for k, v in metrics.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+
+    def log_samples(self, step: int, samples: list[Any]) -> None:
+        import trackio
+
+        columns = sample_columns(step, samples)
+        names = list(columns)
+        pictures: dict[str, Any] = {}
+        for s in samples:  # an image's K captions share one picture
+            pictures.setdefault(s.image_id, trackio.Image(s.image.convert("RGB"), caption=s.image_id))
+        rows = [[columns[n][i] for n in names] for i in range(len(samples))]
+        table = trackio.Table(columns=[*names[:2], "image", *names[2:]],
+                              data=[[*row[:2], pictures[row[1]], *row[2:]] for row in rows])
+        self.run.log({"samples": table}, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
 @hookimpl
 def vlrm_register_loggers() -> dict[str, Any]:
-    return {"tensorboard": TensorBoardLogger, "mlflow": MlflowLogger, "wandb": WandbLogger}
+    return {"tensorboard": TensorBoardLogger, "mlflow": MlflowLogger, "wandb": WandbLogger,
+            "trackio": TrackioLogger}

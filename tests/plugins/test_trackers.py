@@ -166,3 +166,52 @@ def test_wandb_offline_run_holds_the_scalars_and_sample_table_and_resume_continu
         assert logged[step]["samples/_type"] == "table-file"  # nested keys flattened
     pictures = [p for f in folders for p in (f / "files" / "media" / "images").rglob("*.png")]
     assert len(pictures) == 2 * 4  # each table's four pictures
+
+
+READ_TRACKIO = """
+import json, sys
+from trackio.sqlite_storage import SQLiteStorage
+project, name = sys.argv[1:3]
+print(json.dumps({"runs": SQLiteStorage.get_runs(project),
+                  "logs": SQLiteStorage.get_logs(project, name)}, default=str))
+"""
+
+
+def test_trackio_local_store_holds_the_scalars_and_sample_table_and_resume_continues(tmp_path):
+    """Trackio fixes its store's folder (TRACKIO_DIR) when imported: the run and the reading
+    back each go in a process of their own."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "run"
+    common = [sys.executable, "-m", "vlrm.cli", "--config", TINY, "--objective.class_path=grpo",
+              "--trainer.save_every=2", "--trainer.progress=false", "--trainer.samples_every=2",
+              '--loggers={"tr": {"class_path": "trackio", "init_args": {"project": "captions"}}}',
+              f"--output_dir={out}"]
+    for extra in (["--trainer.max_steps=2"], ["--trainer.max_steps=4", "--resume=true"]):
+        done = subprocess.run([*common, *extra], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    name = (out / "trackio_run").read_text().strip()
+    assert name == "run"
+    read = subprocess.run([sys.executable, "-c", READ_TRACKIO, "captions", name], env=env,
+                          capture_output=True, text=True)
+    assert read.returncode == 0, read.stderr[-2000:]
+    store = json.loads(read.stdout.strip().splitlines()[-1])
+    assert store["runs"] == [name]  # the resumed run continued, no second run
+    logged = {}
+    for entry in store["logs"]:
+        logged.setdefault(entry["step"], {}).update(entry)
+    rows = _rows(out)
+    assert sorted(logged) == [1, 2, 3, 4]
+    for key in ("reward/total", "loss/total", "reward/clip"):
+        assert [logged[s][key] for s in (1, 2, 3, 4)] == pytest.approx([r[key] for r in rows],
+                                                                       rel=1e-6), key
+    for step in (2, 4):  # the sample tables, one row per caption (4 images x 2 captions)
+        table = logged[step]["samples"]
+        assert table["_type"] == "trackio.table"
+        data = table["_value"]
+        assert len(data) == 8 and [r["step"] for r in data] == [step] * 8
+        assert {"image_id", "image", "caption", "reward", "reward/clip", "advantage"} <= set(data[0])
+        assert all(r["caption"] for r in data)
