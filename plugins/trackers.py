@@ -107,6 +107,22 @@ def sample_columns(step: int, samples: list[Any]) -> dict[str, list[Any]]:
     return columns
 
 
+def picture_rows(step: int, samples: list[Any], picture: Any,
+                 ) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
+    """The samples as rows with a picture column after the image id, for trackers whose
+    tables hold images: the column names, the rows, and the pictures by image id (an image's
+    K captions share one). ``picture(image, caption=...)`` makes the tracker's image object."""
+    columns = sample_columns(step, samples)
+    pictures: dict[str, Any] = {}
+    for s in samples:
+        if s.image_id not in pictures:
+            pictures[s.image_id] = picture(s.image.convert("RGB"), caption=s.image_id)
+    names = list(columns)
+    rows = [[columns[n][i] for n in names] for i in range(len(samples))]
+    return ([*names[:2], "image", *names[2:]],
+            [[*row[:2], pictures[row[1]], *row[2:]] for row in rows], pictures)
+
+
 class MlflowLogger:
     """Logs to MLflow through ``MlflowClient``.
 
@@ -231,16 +247,9 @@ class WandbLogger:
     def log_samples(self, step: int, samples: list[Any]) -> None:
         import wandb
 
-        columns = sample_columns(step, samples)
-        pictures: dict[str, Any] = {}
-        for s in samples:  # an image's K captions share one picture
-            if s.image_id not in pictures:
-                pictures[s.image_id] = wandb.Image(s.image.convert("RGB"), caption=s.image_id)
-        names = list(columns)
-        rows = [[columns[n][i] for n in names] for i in range(len(samples))]
-        table = wandb.Table(columns=[*names[:2], "image", *names[2:]],
-                            data=[[*row[:2], pictures[row[1]], *row[2:]] for row in rows])
-        self.run.log({"samples": table, "samples/images": list(pictures.values())}, step=step)
+        names, rows, pictures = picture_rows(step, samples, wandb.Image)
+        self.run.log({"samples": wandb.Table(columns=names, data=rows),
+                      "samples/images": list(pictures.values())}, step=step)
 
     def close(self) -> None:
         if self.run is not None:
@@ -295,15 +304,8 @@ class TrackioLogger:
     def log_samples(self, step: int, samples: list[Any]) -> None:
         import trackio
 
-        columns = sample_columns(step, samples)
-        names = list(columns)
-        pictures: dict[str, Any] = {}
-        for s in samples:  # an image's K captions share one picture
-            pictures.setdefault(s.image_id, trackio.Image(s.image.convert("RGB"), caption=s.image_id))
-        rows = [[columns[n][i] for n in names] for i in range(len(samples))]
-        table = trackio.Table(columns=[*names[:2], "image", *names[2:]],
-                              data=[[*row[:2], pictures[row[1]], *row[2:]] for row in rows])
-        self.run.log({"samples": table}, step=step)
+        names, rows, _ = picture_rows(step, samples, trackio.Image)
+        self.run.log({"samples": trackio.Table(columns=names, data=rows)}, step=step)
 
     def close(self) -> None:
         if self.run is not None:
