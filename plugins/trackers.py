@@ -94,6 +94,12 @@ class TensorBoardLogger:
             self.writer.close()
 
 
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics row (no bools, no text), as trackers take them."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def sample_columns(step: int, samples: list[Any]) -> dict[str, list[Any]]:
     """The samples as columns (one row per caption), for table-shaped trackers."""
     terms = sorted({t for s in samples for t in s.terms})
@@ -170,8 +176,8 @@ class MlflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(self.key(name), float(value), now, step) for name, value in metrics.items()
-                 if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        batch = [Metric(self.key(name), float(value), now, step)
+                 for name, value in scalars(metrics).items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
     def key(self, name: str) -> str:
@@ -241,8 +247,7 @@ class WandbLogger:
         marker.write_text(self.run.id + "\n")
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({k: v for k, v in metrics.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+        self.run.log(scalars(metrics), step=step)
 
     def log_samples(self, step: int, samples: list[Any]) -> None:
         import wandb
@@ -298,8 +303,7 @@ class TrackioLogger:
         marker.write_text(self.run.name + "\n")
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({k: v for k, v in metrics.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
+        self.run.log(scalars(metrics), step=step)
 
     def log_samples(self, step: int, samples: list[Any]) -> None:
         import trackio

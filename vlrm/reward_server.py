@@ -34,10 +34,9 @@ from typing import Any
 import attrs
 import torch
 
+from vlrm.cli import EXIT_CONFIG
 from vlrm.reward_wire import HEALTH, PATH, decode_rollout, encode_output
 from vlrm.structs import RewardOutput, Rollout
-
-EXIT_CONFIG = 2
 
 
 @attrs.define
