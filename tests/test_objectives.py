@@ -220,6 +220,33 @@ def test_group_normalisation_of_each_term_before_the_weighted_sum():
     assert torch.allclose(totals, torch.zeros(6), atol=1e-3)  # equal weights, opposite z-scores
 
 
+def test_group_normalisation_gives_a_tied_group_nothing_at_any_token():
+    # Group 0: three copies of one caption (per-token log-probs -1, -2, -3 each); group 1: the
+    # same penalty count (-1) on different tokens. Scaling by std + eps would put per-token
+    # rewards of about 1e4 on these captions and returns-to-go of that size between them
+    # (the A2C value loss reached 3e6 on the shapes world); a tie has nothing to rank.
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    per_token = torch.tensor([[-1.0, -2, -3]] * 3 + [[-1.0, 0, 0], [0, -1, 0], [0, 0, -1]])
+    normed = group_standardize(per_token, mask, GROUP)
+    assert torch.equal(normed, torch.zeros(6, 3))
+    # float noise between identical captions is a tie too; a real spread is not
+    noisy = per_token.clone()
+    noisy[1, 2] += 1e-6
+    assert torch.equal(group_standardize(noisy, mask, GROUP)[:3], torch.zeros(3, 3))
+    spread = per_token.clone()
+    spread[1, 2] = -2.0  # totals -6, -5, -6: z-scores -0.577, 1.155, -0.577
+    z = group_standardize(spread, mask, GROUP, eps=0.0).sum(1)
+    assert torch.allclose(z[:3], torch.tensor([-1.0, 2.0, -1.0]) / math.sqrt(3), atol=1e-5)
+
+    def same_penalty_count(r):
+        return RewardOutput(token=torch.tensor([[-1.0, 0, 0], [0, -1, 0], [-1, 0, 0],
+                                                [0, 0, -1], [0, -1, 0], [-1, 0, 0]]))
+
+    out = CompositeReward({"repeat": RewardTerm(same_penalty_count)}, group_normalize=True)(
+        rollout())
+    assert out.metrics["repeat/group_tied"] == 1.0 and torch.equal(out.token, torch.zeros(6, 3))
+
+
 def test_minibatches_are_strided_parts_of_the_images():
     assert minibatch_images(4, 2) == [[0, 2], [1, 3]]
     part, rows = select_images(rollout(), [1])
@@ -309,7 +336,10 @@ def test_a2c_metrics_rows_are_those_of_the_trainer_before_objectives(tmp_path):
     Since BLIP-2's scoring pass runs each image's prefix once for its K captions (issue 17),
     the losses, values and gradient norms agree to float32 rounding, not bit for bit: the
     policy loss and the mean advantage are sums of near-cancelling terms, which moved by up
-    to 1e-7 absolute (measured 9.9e-8). Rewards and captions are unchanged.
+    to 1e-7 absolute (measured 9.9e-8). Rewards and captions are unchanged. On another CPU
+    (AMD EPYC against the reference's machine) the float32 kernels round differently: rewards
+    moved by up to 2e-6 relative and the losses by up to 3e-6 absolute, captions identical;
+    the bounds below allow that noise and nothing a changed update would produce.
     """
     rows = a2c_rows(tmp_path / "run")
     reference = [json.loads(line) for line in REFERENCE.read_text().splitlines()]
@@ -317,8 +347,11 @@ def test_a2c_metrics_rows_are_those_of_the_trainer_before_objectives(tmp_path):
     for got, want in zip(rows, reference):
         assert set(got) == set(want), set(got) ^ set(want)
         for key, value in want.items():
-            rounding = 1e-9 if key.startswith(("reward", "caption")) else 3e-7
-            assert got[key] == pytest.approx(value, rel=1e-6, abs=rounding), (got["step"], key)
+            if key.startswith("caption"):
+                assert got[key] == value, (got["step"], key)
+                continue
+            rounding = 1e-8 if key.startswith("reward") else 1e-5
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=rounding), (got["step"], key)
 
 
 def test_estimator_configs_differ_from_their_base_only_where_they_say():

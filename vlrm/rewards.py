@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -97,12 +98,23 @@ def standardize(per_token: torch.Tensor, mask: torch.Tensor, mean: float, std: f
     return (scaled - place_on_last_token(shift, mask)) * mask
 
 
+def group_spread(totals: torch.Tensor, group: torch.Tensor, valid: torch.Tensor,
+                 tie_tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each caption's group mean, group std and whether its group is tied (std at most
+    ``tie_tol`` x max(1, |mean|): float noise between identical captions counts as a tie).
+    Shapes: (B,) each; ``totals`` (B,) must be finite where ``valid``."""
+    mean = group_mean(totals, group, valid)
+    std = group_std(totals, group, valid)
+    return mean, std, std <= tie_tol * mean.abs().clamp(min=1.0)
+
+
 def group_standardize(per_token: torch.Tensor, mask: torch.Tensor, group: torch.Tensor,
-                      eps: float = 1e-4) -> torch.Tensor:
+                      eps: float = 1e-4, tie_tol: float = 1e-5) -> torch.Tensor:
     """Rescale per-token rewards so each caption's total becomes its z-score within its
     image's group: (total - group mean) / (group std + eps), placement kept as
     ``standardize`` keeps it. Captions with a non-finite total never enter the statistics
-    (and stay non-finite, to be dropped by the trainer).
+    (and stay non-finite, to be dropped by the trainer). A tied group (spread at most
+    ``tie_tol`` x max(1, |group mean|)) gets 0 at every token.
 
     Args:
         per_token: Shape: (B, T).
@@ -115,8 +127,12 @@ def group_standardize(per_token: torch.Tensor, mask: torch.Tensor, group: torch.
     totals = per_token.sum(dim=1)
     valid = torch.isfinite(totals)
     safe = torch.where(valid, totals, torch.zeros_like(totals))
-    mean = group_mean(safe, group, valid)
-    scale = group_std(safe, group, valid) + eps
+    mean, std, tied = group_spread(safe, group, valid, tie_tol)
+    # A tied group (every caption's total the same, e.g. K identical captions) has nothing to
+    # rank: its z-scores are 0, and so is the term at every token. Dividing its per-token
+    # rewards by std + eps instead would scale them by up to 1 / eps, and the returns-to-go
+    # between them (sum to 0 over the caption, not token by token) with them.
+    scale = torch.where(tied, torch.full_like(std, math.inf), std + eps)
     return (per_token / scale.unsqueeze(1) - place_on_last_token(mean / scale, mask)) * mask
 
 
@@ -166,7 +182,9 @@ class CompositeReward:
     With ``group_normalize`` each term is first normalised within each image's group of K
     captions (its per-caption totals become z-scores, ``group_standardize``) before the
     weighted sum, as BalCapRL does: a term with a large spread can then no longer drown the
-    others, whatever its scale. It logs ``<name>/group_std``, the term's mean spread.
+    others, whatever its scale. A group whose captions tie on a term (K identical captions,
+    or the same penalty count) gets 0 from that term. It logs ``<name>/group_std``, the term's
+    mean spread, and ``<name>/group_tied``, the share of captions in tied groups.
 
     Args:
         terms: Reward terms keyed by name.
@@ -214,8 +232,10 @@ class CompositeReward:
                 group = rollout.group.to(per_token.device)
                 totals = per_token.sum(dim=1)
                 valid = torch.isfinite(totals)
-                spread = group_std(torch.where(valid, totals, torch.zeros_like(totals)), group, valid)
+                _, spread, tied = group_spread(torch.where(valid, totals, torch.zeros_like(totals)),
+                                               group, valid)
                 metrics[f"{name}/group_std"] = spread[valid].mean().item() if valid.any() else 0.0
+                metrics[f"{name}/group_tied"] = tied[valid].float().mean().item() if valid.any() else 0.0
                 per_token = group_standardize(per_token, rollout.mask, group)
             per_token = self._shape(name, term, per_token, rollout.mask, metrics)
             total = total + term.weight * per_token
