@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml examples/reward_plugin/pyproject.toml worlds/shapes/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]' -e examples/reward_plugin -e worlds/shapes
+	$(PY) -m pip install -q --no-cache-dir -e '.[test,bench]' -e examples/reward_plugin -e worlds/shapes
 	touch $(STAMP)
 
 setup: $(STAMP)
