@@ -11,6 +11,7 @@ from contextlib import closing
 import inspect
 import itertools
 import json
+import math
 import random
 import sys
 import time
@@ -43,6 +44,20 @@ from vlrm.trackers import Trackers, sample_rows
 SUMMED = ("reward/nonfinite",)
 SEEDINGS = ("global", "per_image")
 PARALLEL = ("ddp", "fsdp")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
+    """The learning rate of update ``step`` (0-based) as a share of the configured one:
+    linear warm-up over ``warmup`` updates, then ``constant`` 1, or a ``linear`` / ``cosine``
+    decay that would reach 0 at ``max_steps`` (the formulas of transformers'
+    ``get_linear_schedule_with_warmup`` and ``get_cosine_schedule_with_warmup``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(max_steps - warmup, 1), 1.0)
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 #: TrainerConfig fields that moved to the objective (A2C's init_args), for error messages.
 MOVED_TO_OBJECTIVE = ("value_lr", "vf_coef", "ent_coef", "gamma", "whiten_advantages",
                       "value_detach", "value_hidden")
@@ -60,6 +75,9 @@ class TrainerConfig:
         policy_lr: AdamW learning rate of the policy's trainable parts [ours: 1e-5].
         weight_decay: AdamW weight decay [ours: 0].
         warmup_steps: Linear learning-rate warm-up, in steps [ours: 0].
+        lr_schedule: After the warm-up: ``constant``, or a ``linear`` or ``cosine`` decay
+            towards 0 at ``max_steps`` (TRL's default is linear) [ours: constant]. Every
+            parameter group (the critic's too) follows it.
         max_grad_norm: Gradient clipping norm, of the policy and of the objective's critic
             apart [ours: 1.0].
         save_every: Write a checkpoint every this many steps (and at the end); 0 = only at the end.
@@ -86,6 +104,7 @@ class TrainerConfig:
     policy_lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
     max_grad_norm: float = 1.0
     save_every: int = 100
     keep_last: int = 3
@@ -105,7 +124,8 @@ class TrainerConfig:
             value = getattr(self, key)
             if not is_real(value) or not value >= low:  # also catches NaN and null
                 raise ConfigError(f"trainer.{key} must be a number >= {low}, got {value!r}")
-        for key, allowed in (("sample_seeding", SEEDINGS), ("parallel", PARALLEL)):
+        for key, allowed in (("sample_seeding", SEEDINGS), ("parallel", PARALLEL),
+                             ("lr_schedule", SCHEDULES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"trainer.{key} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, key)!r}")
@@ -194,9 +214,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": self.policy_params, "lr": config.policy_lr}, *self.objective_groups],
             weight_decay=config.weight_decay)
-        warmup = max(config.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+            self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps,
+                                                config.lr_schedule))
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
         for name, size in self.shared_towers.items():
             self.say(f"vlrm: reward {name} is the policy's frozen copy (identical weights): "
                      f"{size / 2**20:.1f} MiB not held twice")
@@ -368,6 +389,7 @@ class Trainer:
                 updates += 1
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value.item()
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step ran at
         if skipped < updates:
             self.scheduler.step()
         if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
@@ -406,7 +428,7 @@ class Trainer:
         metrics.update({f"objective/{k}": v for k, v in targets.stats.items()})
         metrics["caption/length"] = sum(len(c.split()) for c in rollout.captions) / len(rollout.captions)
         metrics["caption/tokens"] = rollout.lengths.float().mean().item()
-        metrics["lr/policy"] = self.optimizer.param_groups[0]["lr"]
+        metrics["lr/policy"] = self.step_lr
         metrics = self.world.reduce_metrics(metrics, summed=(*SUMMED, *stats))
         metrics["step/skipped"] = float(skipped)
         return metrics
