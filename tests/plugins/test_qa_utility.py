@@ -120,6 +120,28 @@ def test_shapes_world_questions_and_grammar_reader():
     assert out.metrics["answered"] < 1.0  # the shapes-only caption leaves colours and sizes out
 
 
+def test_shapes_questions_charge_each_invented_object():
+    from vlrm_shapes.qa import ShapesQuestions, ShapesReader
+    from vlrm_shapes.world import ShapesWorld, image_id
+
+    world, reader = ShapesWorld(0), ShapesReader()
+    index = next(i for i in range(50) if len(world.scene("test", i)) == 1)
+    asked = ShapesQuestions(0).questions(image_id("test", index))
+    # the count, the one object's shape, colour and size, and the two empty positions' shapes
+    assert len(asked) == 1 + 3 + 2
+    assert [q.choices[q.answer] for q in asked[-2:]] == ["none", "none"]
+    assert len(ShapesQuestions(0, ask_absent=False).questions(image_id("test", index))) == 4
+
+    def right(caption):
+        return sum(a == q.answer for a, q in zip(reader.answer(caption, asked), asked))
+
+    full = world.full_caption("test", index)
+    assert right(full) == 6
+    # one invented object costs the count and the second position; two cost a third question
+    assert right(f"{full} and a small red circle") == 4
+    assert right(f"{full} and a small red circle and a large blue square") == 3
+
+
 def test_both_rewards_are_registered_for_configs():
     from vlrm.plugins import get_registry
 

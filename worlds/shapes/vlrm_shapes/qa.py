@@ -8,6 +8,11 @@ questions about the k-th object from the left (the grammar states objects left t
 attribute the caption leaves out is not answered. So a caption that names every object with
 its colour and size answers everything, a shapes-only caption answers the count and the
 shapes, and a caption that invents or misplaces objects answers wrong.
+
+With ``ask_absent`` (the default) a scene of fewer than three objects is also asked the shape
+of each position it leaves empty, with "none" among the choices: the reader answers "none"
+when the caption states no object there, so each invented object costs a question of its own,
+not only the count.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from vlrm_shapes.world import COLOURS, SHAPES, SIZES, ShapesWorld, parse, parse_
 
 ORDINALS = ("first", "second", "third")
 COUNTS = ("one", "two", "three")
+NONE = "none"
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}
 
 
@@ -29,10 +35,12 @@ class ShapesQuestions:
 
     Args:
         seed: The world's seed.
+        ask_absent: Also ask the shape of each empty position ("none") [ours: on].
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, ask_absent: bool = True) -> None:
         self.world = ShapesWorld(seed)
+        self.ask_absent = ask_absent
 
     def questions(self, image_id: str) -> list[Question]:
         split, index = parse_image_id(image_id)
@@ -42,6 +50,10 @@ class ShapesQuestions:
             for name, values in ATTRIBUTES.items():
                 asked.append(Question(f"What is the {name} of the {ORDINALS[k]} object from the "
                                       "left?", values, values.index(getattr(thing, name))))
+        if self.ask_absent:
+            for k in range(len(scene), len(ORDINALS)):
+                asked.append(Question(f"What is the shape of the {ORDINALS[k]} object from the "
+                                      "left?", (*SHAPES, NONE), len(SHAPES)))
         return asked
 
 
@@ -61,14 +73,16 @@ class ShapesReader:
                 continue
             name = next(a for a in ATTRIBUTES if f"the {a} of" in q.text)
             k = next(i for i, o in enumerate(ORDINALS) if f"the {name} of the {o} object" in q.text)
-            value = getattr(stated[k], name) if k < len(stated) else None
+            value = getattr(stated[k], name) if k < len(stated) else NONE
             answers.append(q.choices.index(value) if value in q.choices else -1)
         return answers
 
 
-def shapes_qa_utility(seed: int = 0, scale: float = 1.0) -> QAUtilityReward:
-    """The QA utility reward on the shapes world: its questions, its grammar reader."""
-    return QAUtilityReward(ShapesQuestions(seed), ShapesReader(), scale)
+def shapes_qa_utility(seed: int = 0, scale: float = 1.0, ask_absent: bool = True
+                      ) -> QAUtilityReward:
+    """The QA utility reward on the shapes world: its questions (``ask_absent`` as
+    ``ShapesQuestions``), its grammar reader."""
+    return QAUtilityReward(ShapesQuestions(seed, ask_absent), ShapesReader(), scale)
 
 
 @hookimpl
