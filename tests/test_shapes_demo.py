@@ -291,6 +291,27 @@ def test_estimator_table_judges_each_estimator_at_the_fastest_ones_wall_clock():
     assert rows["unjudged"][-1].strip(" |") == "-"
 
 
+def test_late_table_averages_the_last_five_judgements_per_seed():
+    from vlrm_shapes.sweep import late_table
+
+    def record(final_r1, invented):  # judgements 0.1, 0.2, ... of R@1; baseline 0, ceiling 0.5
+        summary = {"baseline": {"clip_recall/r1": 0.0}, "ceiling": {"clip_recall/r1": 0.5},
+                   "final": {"clip_recall/r1": final_r1, "caption/invented_objects": invented[-1]}}
+        late = [{"clip_recall/r1": 0.1 * (k + 1), "caption/invented_objects": inv,
+                 "caption/repetition_rate": 0.02} for k, inv in enumerate(invented)]
+        return {"summary": summary, "late": late}
+
+    table = late_table({"a": {"seed1": record(0.5, [0.0, 0.1, 0.0, 0.1, 0.05]),
+                              "seed2": record(0.25, [0.02] * 5)}})
+    row = table.splitlines()[2].split(" | ")
+    assert row[1] == "1.00 / 0.50"  # final share of the gap per seed
+    # last five: shares 0.2..1.0 (mean 0.6) on both seeds; invented 0.05 and 0.02
+    assert row[2].startswith("0.60 ± 0.00")
+    assert row[3] == "0.050 / 0.020" and row[4].startswith("0.035 ± ") and "(worst 0.050)" in row[4]
+    short = {"a": {"seed1": {**record(0.5, [0.0] * 5), "late": [{}] * 4}}}
+    assert late_table(short) == ""  # fewer than five judgements: no table
+
+
 def test_sweep_names_the_unknown_objective(capsys):
     from vlrm_shapes.demo import main
 

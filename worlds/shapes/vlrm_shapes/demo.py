@@ -299,7 +299,8 @@ def sweep_main(argv: list[str]) -> int:
 
 def _objective_sweep(args: Any, demo_args: list[str]) -> int:
     from vlrm.cli import EXIT_CONFIG
-    from vlrm_shapes.sweep import estimator_table, reward_table, sweep_objectives, write_doc
+    from vlrm_shapes.sweep import (estimator_table, late_table, reward_table, sweep_objectives,
+                                    write_doc)
 
     out = Path(args.output_dir)
     kind, names = ("rewards", args.rewards) if args.rewards else ("objectives", args.objectives)
@@ -315,6 +316,8 @@ def _objective_sweep(args: Any, demo_args: list[str]) -> int:
                          "peak_mib": max(r["peak_mib"] for r in runs.values())}
                   for name, runs in timed.items()}
     table = reward_table(results) if kind == "rewards" else estimator_table(results, timing)
+    late = late_table(results)  # runs with --demo.judge_every
+    table += f"\n{late}" if late else ""
     (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "sweep.md").write_text(table)
     if args.doc:

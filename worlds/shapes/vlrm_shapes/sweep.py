@@ -30,6 +30,8 @@ CONFIGS = Path("configs") / "shapes"
 CHECKOUT_CONFIGS = Path(__file__).resolve().parents[3] / CONFIGS
 #: Columns of the report: (label, how to read it from a run's record).
 TRAILING = 50  # steps averaged for the training reward at a wall-clock time
+LATE = 5  # late judgements averaged in the late-checkpoints table
+LATE_KEYS = ("clip_recall/r1", "caption/invented_objects", "caption/repetition_rate")
 JUDGE_KEY = "eval/clip_recall/r1"  # the judge during training (vlrm-shapes demo --demo.judge_every)
 
 
@@ -75,11 +77,12 @@ def run_record(run_dir: Path, seconds: float, peak_mib: float) -> dict[str, Any]
     every = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in every if "time/step_s" in r]
     judged = [(r["step"], r[JUDGE_KEY]) for r in every if JUDGE_KEY in r]  # demo.judge_every
+    late = [{key: r[f"eval/{key}"] for key in LATE_KEYS} for r in every if JUDGE_KEY in r][-LATE:]
     clock = sum(row["time/step_s"] for row in rows)
     curve = [(row["step"], row.get("reward/clip", row["reward/total"])) for row in rows]
     return {"summary": summary, "steps": len(rows), "train_s": clock,
             "s_per_step": clock / max(len(rows), 1), "wall_s": seconds, "peak_mib": peak_mib,
-            "reward_curve": curve, "judge_curve": judged}
+            "reward_curve": curve, "judge_curve": judged, "late": late}
 
 
 def reward_at(curve: Sequence[Sequence[float]], step: float) -> float:
@@ -158,6 +161,36 @@ def estimator_table(results: dict[str, dict[str, dict[str, Any]]],
                     f"{m['caption/grammar_rate']:.3f} | {m['caption/repetition_rate']:.3f} | "
                     f"{m['caption/invented_objects']:.3f} | | | | |")
     return header + "\n".join(lines + refs) + "\n"
+
+
+def late_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Per seed and over the last ``LATE`` judgements (runs with ``--demo.judge_every``):
+    the final checkpoint is one draw of a policy that still moves, so a bound that holds
+    there may not hold one judgement earlier. "" when a run has fewer judgements."""
+    if any(len(r.get("late", [])) < LATE for runs in results.values() for r in runs.values()):
+        return ""
+
+    def late(r: dict[str, Any], key: str) -> float:
+        values = [row[key] for row in r["late"]]
+        if key != "clip_recall/r1":
+            return statistics.mean(values)
+        base, ceiling = (r["summary"][k]["clip_recall/r1"] for k in ("baseline", "ceiling"))
+        return statistics.mean((v - base) / (ceiling - base) for v in values)
+
+    header = (f"| setting | share of gap per seed | share of gap, last {LATE} judgements | "
+              f"invented objects per seed | invented objects, last {LATE} | "
+              f"n-gram repetition, last {LATE} |\n|---|---|---|---|---|---|\n")
+    lines = []
+    for name, runs in results.items():
+        rs = list(runs.values())
+        shares = " / ".join(f"{gap_share(r['summary']):.2f}" for r in rs)
+        invented = " / ".join(f"{r['summary']['final']['caption/invented_objects']:.3f}" for r in rs)
+        lines.append(
+            f"| {name} | {shares} | {_cell([late(r, 'clip_recall/r1') for r in rs], 2)} | "
+            f"{invented} | "
+            f"{_cell([late(r, 'caption/invented_objects') for r in rs], higher_is_better=False)} | "
+            f"{_cell([late(r, 'caption/repetition_rate') for r in rs], higher_is_better=False)} |")
+    return header + "\n".join(lines) + "\n"
 
 
 def _judged_cell(runs: list[dict[str, Any]], steps: float) -> str:
