@@ -400,4 +400,8 @@ def test_estimator_configs_differ_from_their_base_only_where_they_say():
     a2c = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/a2c.yaml")
     a2c_gn = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/a2c_gn.yaml")
     assert differences(a2c_gn, a2c) == {"reward.group_normalize"}
+    for name, gn in (("grpo_gn", gn), ("a2c_gn", a2c_gn)):  # the *_cos fragments: + the decay
+        cos = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", f"shapes/objectives/{name}_cos.yaml")
+        assert differences(cos, gn) == {"trainer.lr_schedule"}
+        assert cos["trainer"]["lr_schedule"] == "cosine"
     assert a2c["objective"] == resolved(_demo_parser(), "shapes/vlrm_rs.yaml")["objective"]
