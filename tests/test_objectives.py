@@ -355,8 +355,8 @@ def test_a2c_metrics_rows_are_those_of_the_trainer_before_objectives(tmp_path):
 
 
 def test_estimator_configs_differ_from_their_base_only_where_they_say():
-    """configs/shapes/demo.yaml is vlrm_rs.yaml with the sweep's grpo_gn fragment (GRPO, the
-    reward's per-term group normalisation) in 1,000 steps; configs/grpo.yaml and
+    """configs/shapes/demo.yaml is vlrm_rs.yaml with the sweep's a2c_gn_cos fragment (A2C, the
+    reward's per-term group normalisation, the cosine decay) in 1,000 steps; configs/grpo.yaml and
     rloo.yaml are vlrm.yaml with the estimator swapped (an included file's sections are
     replaced whole, so a stray section there would silently reset settings)."""
     from vlrm_shapes.demo import _demo_parser
@@ -380,13 +380,13 @@ def test_estimator_configs_differ_from_their_base_only_where_they_say():
         return out
 
     demo = resolved(_demo_parser(), "shapes/demo.yaml")
-    assert demo["objective"]["class_path"] == "vlrm_plugins.estimators.GRPO"
-    assert {d for d in differences(demo, resolved(_demo_parser(), "shapes/vlrm_rs.yaml"))
-            if not d.startswith("objective.")} == {"trainer.max_steps", "output_dir",
-                                                   "reward.group_normalize"}
-    # the demo runs what docs/estimators.md measured: vlrm_rs.yaml + the sweep's grpo_gn fragment
-    swept = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/grpo_gn.yaml")
-    assert demo["objective"] == swept["objective"] and demo["reward"] == swept["reward"]
+    assert demo["objective"]["class_path"] == "vlrm.objective.A2C"
+    assert differences(demo, resolved(_demo_parser(), "shapes/vlrm_rs.yaml")) == {
+        "trainer.max_steps", "output_dir", "reward.group_normalize", "trainer.lr_schedule"}
+    # the demo runs what docs/estimators.md measured: vlrm_rs.yaml + the sweep's a2c_gn_cos
+    # fragment (with the demo's own step count, which the sweep passes on its command line)
+    swept = resolved(_demo_parser(), "shapes/vlrm_rs.yaml", "shapes/objectives/a2c_gn_cos.yaml")
+    assert differences(demo, swept) == {"trainer.max_steps", "output_dir"}
     for name, estimator in (("grpo.yaml", "GRPO"), ("rloo.yaml", "RLOO")):
         config = resolved(build_parser(), name)
         assert config["objective"]["class_path"] == f"vlrm_plugins.estimators.{estimator}"
