@@ -80,8 +80,12 @@ def test_every_estimator_trains_the_same_on_two_ranks_as_on_one(tmp_path):
     shares = {k: True for k in single_meta if k.endswith("reads_shares")}
     assert split_meta == {**single_meta, "world": 2, **shares}  # the same captions at every step
     assert set(split) == set(single)
-    for key in single:  # the rewards are float32 (CLIP): ~1e-7 apart for other batch sizes
-        torch.testing.assert_close(split[key], single[key], rtol=1e-6, atol=1e-6, msg=key)
+    # The rewards are float32 (CLIP) and come out ~1e-7 apart for other batch sizes; through
+    # SCST's greedy baseline and the advantage scaling that reached 1.5e-6 on a loss of 0.46 on
+    # an AMD EPYC (1e-6 on the machine this was written on). A wrong statistic over the ranks
+    # moves a loss by orders of magnitude more.
+    for key in single:
+        torch.testing.assert_close(split[key], single[key], rtol=1e-5, atol=1e-5, msg=key)
     for i, name in enumerate(ESTIMATORS):
         first = f"{name}/weight/0/" if i else "weight/0/"
         moved = [k for k in single if k.startswith(first) and not torch.equal(
