@@ -98,18 +98,38 @@ def standardize(per_token: torch.Tensor, mask: torch.Tensor, mean: float, std: f
     return (scaled - place_on_last_token(shift, mask)) * mask
 
 
-def group_spread(totals: torch.Tensor, group: torch.Tensor, valid: torch.Tensor,
-                 tie_tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each caption's group mean, group std and whether its group is tied (std at most
-    ``tie_tol`` x max(1, |mean|): float noise between identical captions counts as a tie).
-    Shapes: (B,) each; ``totals`` (B,) must be finite where ``valid``."""
-    mean = group_mean(totals, group, valid)
-    std = group_std(totals, group, valid)
-    return mean, std, std <= tie_tol * mean.abs().clamp(min=1.0)
+@frozen
+class GroupSpread:
+    """One term's statistics within each image's group, per caption. Shapes: (B,) each.
+
+    Attributes:
+        valid: The caption's total is finite (only those enter the statistics).
+        mean: Its group's mean total.
+        std: Its group's std of the totals.
+        tied: Its group's std is at most ``tie_tol`` x max(1, |mean|) (float noise between
+            identical captions counts as a tie).
+    """
+
+    valid: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    tied: torch.Tensor
+
+
+def group_spread(per_token: torch.Tensor, group: torch.Tensor, tie_tol: float = 1e-5
+                 ) -> GroupSpread:
+    """The group statistics of per-token rewards (B, T) by their captions' totals."""
+    totals = per_token.sum(dim=1)
+    valid = torch.isfinite(totals)
+    safe = torch.where(valid, totals, torch.zeros_like(totals))
+    mean = group_mean(safe, group, valid)
+    std = group_std(safe, group, valid)
+    return GroupSpread(valid, mean, std, std <= tie_tol * mean.abs().clamp(min=1.0))
 
 
 def group_standardize(per_token: torch.Tensor, mask: torch.Tensor, group: torch.Tensor,
-                      eps: float = 1e-4, tie_tol: float = 1e-5) -> torch.Tensor:
+                      eps: float = 1e-4, tie_tol: float = 1e-5,
+                      spread: GroupSpread | None = None) -> torch.Tensor:
     """Rescale per-token rewards so each caption's total becomes its z-score within its
     image's group: (total - group mean) / (group std + eps), placement kept as
     ``standardize`` keeps it. Captions with a non-finite total never enter the statistics
@@ -120,20 +140,18 @@ def group_standardize(per_token: torch.Tensor, mask: torch.Tensor, group: torch.
         per_token: Shape: (B, T).
         mask: Shape: (B, T), bool.
         group: Shape: (B,), long, image index of each caption.
+        spread: ``group_spread(per_token, group, tie_tol)`` when the caller has it already.
 
     Returns:
         Shape: (B, T), zero on padding.
     """
-    totals = per_token.sum(dim=1)
-    valid = torch.isfinite(totals)
-    safe = torch.where(valid, totals, torch.zeros_like(totals))
-    mean, std, tied = group_spread(safe, group, valid, tie_tol)
+    spread = group_spread(per_token, group, tie_tol) if spread is None else spread
     # A tied group (every caption's total the same, e.g. K identical captions) has nothing to
     # rank: its z-scores are 0, and so is the term at every token. Dividing its per-token
     # rewards by std + eps instead would scale them by up to 1 / eps, and the returns-to-go
     # between them (sum to 0 over the caption, not token by token) with them.
-    scale = torch.where(tied, torch.full_like(std, math.inf), std + eps)
-    return (per_token / scale.unsqueeze(1) - place_on_last_token(mean / scale, mask)) * mask
+    scale = torch.where(spread.tied, torch.full_like(spread.std, math.inf), spread.std + eps)
+    return (per_token / scale.unsqueeze(1) - place_on_last_token(spread.mean / scale, mask)) * mask
 
 
 def to_token_rewards(output: RewardOutput, mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -230,13 +248,12 @@ class CompositeReward:
             metrics.update({f"{name}/{key}": value for key, value in output.metrics.items()})
             if self.group_normalize:
                 group = rollout.group.to(per_token.device)
-                totals = per_token.sum(dim=1)
-                valid = torch.isfinite(totals)
-                _, spread, tied = group_spread(torch.where(valid, totals, torch.zeros_like(totals)),
-                                               group, valid)
-                metrics[f"{name}/group_std"] = spread[valid].mean().item() if valid.any() else 0.0
-                metrics[f"{name}/group_tied"] = tied[valid].float().mean().item() if valid.any() else 0.0
-                per_token = group_standardize(per_token, rollout.mask, group)
+                spread = group_spread(per_token, group)
+                valid = spread.valid
+                metrics[f"{name}/group_std"] = spread.std[valid].mean().item() if valid.any() else 0.0
+                metrics[f"{name}/group_tied"] = (spread.tied[valid].float().mean().item()
+                                                 if valid.any() else 0.0)
+                per_token = group_standardize(per_token, rollout.mask, group, spread=spread)
             per_token = self._shape(name, term, per_token, rollout.mask, metrics)
             total = total + term.weight * per_token
         metrics["total"] = total.sum(dim=1).mean().item()
