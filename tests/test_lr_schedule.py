@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -32,17 +31,13 @@ def test_unknown_schedule_is_named():
         TrainerConfig(lr_schedule="step")
 
 
-def test_a_run_logs_the_decayed_rate_every_step(tmp_path):
+def test_a_run_logs_the_decayed_rate_every_step(tmp_path, monkeypatch):
     from vlrm.cli import run
 
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        assert run(["--config", "configs/tiny.yaml", "--trainer.max_steps", "4",
-                    "--trainer.save_every", "0", "--trainer.progress", "false",
-                    "--trainer.lr_schedule", "linear", "--output_dir", str(tmp_path)]) == 0
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(ROOT)
+    assert run(["--config", "configs/tiny.yaml", "--trainer.max_steps", "4",
+                "--trainer.save_every", "0", "--trainer.progress", "false",
+                "--trainer.lr_schedule", "linear", "--output_dir", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     base = rows[0]["lr/policy"]
     # the rate each update ran at: 1, 3/4, 1/2, 1/4 of the configured one

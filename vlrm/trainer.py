@@ -58,6 +58,8 @@ def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
         return 1.0
     progress = min((step - warmup) / max(max_steps - warmup, 1), 1.0)
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 #: TrainerConfig fields that moved to the objective (A2C's init_args), for error messages.
 MOVED_TO_OBJECTIVE = ("value_lr", "vf_coef", "ent_coef", "gamma", "whiten_advantages",
                       "value_detach", "value_hidden")

@@ -76,8 +76,9 @@ def run_record(run_dir: Path, seconds: float, peak_mib: float) -> dict[str, Any]
     summary = json.loads((run_dir / "summary.json").read_text())
     every = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in every if "time/step_s" in r]
-    judged = [(r["step"], r[JUDGE_KEY]) for r in every if JUDGE_KEY in r]  # demo.judge_every
-    late = [{key: r[f"eval/{key}"] for key in LATE_KEYS} for r in every if JUDGE_KEY in r][-LATE:]
+    judgements = [r for r in every if JUDGE_KEY in r]  # demo.judge_every
+    judged = [(r["step"], r[JUDGE_KEY]) for r in judgements]
+    late = [{key: r[f"eval/{key}"] for key in LATE_KEYS} for r in judgements[-LATE:]]
     clock = sum(row["time/step_s"] for row in rows)
     curve = [(row["step"], row.get("reward/clip", row["reward/total"])) for row in rows]
     return {"summary": summary, "steps": len(rows), "train_s": clock,
@@ -97,10 +98,13 @@ def judge_at(curve: Sequence[Sequence[float]], step: float) -> float | None:
     return points[-1] if points else None
 
 
-def gap_share(summary: dict[str, dict[str, float]], key: str = "clip_recall/r1") -> float:
-    """Share of the baseline-to-ceiling gap that RL closed."""
+def gap_share(summary: dict[str, dict[str, float]], key: str = "clip_recall/r1",
+              value: float | None = None) -> float:
+    """Share of the baseline-to-ceiling gap that RL closed (at ``value``, a judgement of
+    ``key`` during the run; default the final one)."""
     base, ceiling = summary["baseline"][key], summary["ceiling"][key]
-    return (summary["final"][key] - base) / (ceiling - base) if ceiling != base else 0.0
+    value = summary["final"][key] if value is None else value
+    return (value - base) / (ceiling - base) if ceiling != base else 0.0
 
 
 def _cell(values: Sequence[float], digits: int = 3, higher_is_better: bool = True) -> str:
@@ -172,10 +176,9 @@ def late_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
     def late(r: dict[str, Any], key: str) -> float:
         values = [row[key] for row in r["late"]]
-        if key != "clip_recall/r1":
-            return statistics.mean(values)
-        base, ceiling = (r["summary"][k]["clip_recall/r1"] for k in ("baseline", "ceiling"))
-        return statistics.mean((v - base) / (ceiling - base) for v in values)
+        if key == "clip_recall/r1":
+            values = [gap_share(r["summary"], key, v) for v in values]
+        return statistics.mean(values)
 
     header = (f"| setting | share of gap per seed | share of gap, last {LATE} judgements | "
               f"invented objects per seed | invented objects, last {LATE} | "
